@@ -1,0 +1,111 @@
+"""Object storage behind one small interface: a local directory now, S3 later.
+
+Keys are "/"-separated like S3 keys, so the same deterministic names work on both and a
+rewrite after a crash replaces the object instead of adding a second one.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Protocol
+
+# Temp files of an unfinished put carry this prefix; keys may not use it so list() can
+# skip them without mistaking a real object for one.
+_TMP_PREFIX = ".tmp-"
+
+
+class ObjectStore(Protocol):
+    """Minimal on purpose: whatever S3 can do cheaply and atomically, nothing more."""
+
+    def put(self, key: str, data: bytes) -> None:
+        """Store atomically: readers see the old object or the new one, never a part."""
+        ...
+
+    def get(self, key: str) -> bytes:
+        """The object's bytes; KeyError if there is none."""
+        ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def list(self, prefix: str) -> list[str]:
+        """Sorted keys starting with prefix (a string prefix, as S3 lists)."""
+        ...
+
+    def url(self, key: str) -> str:
+        """Address for messages and manifests (file:///... locally, s3://... on S3)."""
+        ...
+
+
+def check_key(key: str) -> None:
+    """Reject keys that would escape the root or name one object two ways."""
+    parts = key.split("/")
+    if (
+        not key
+        or key.startswith("/")
+        or any(p in ("", ".", "..") for p in parts)
+        or any(p.startswith(_TMP_PREFIX) for p in parts)
+    ):
+        raise ValueError(
+            f"bad object key {key!r}: keys are '/'-separated, relative, with no empty, "
+            f"'.', '..' or '{_TMP_PREFIX}*' parts"
+        )
+
+
+class LocalObjectStore:
+    """Objects as files under root, at the path the S3 key would have."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root).resolve()
+
+    def _path(self, key: str) -> Path:
+        check_key(key)
+        return self.root.joinpath(*key.split("/"))
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Temp file in the same directory so os.replace is a rename on one filesystem.
+        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())  # the rename must not outlive the data on power loss
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            raise KeyError(key) from None
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str) -> list[str]:
+        # Walk only the deepest directory the prefix names, not the whole store.
+        head, _, _ = prefix.rpartition("/")
+        if head:
+            check_key(head)  # a prefix may not climb out of the root either
+        start = self.root.joinpath(*head.split("/")) if head else self.root
+        if not start.is_dir():
+            return []
+        keys: list[str] = []
+        for dirpath, dirnames, filenames in os.walk(start):
+            dirnames[:] = [d for d in dirnames if not d.startswith(_TMP_PREFIX)]
+            rel = Path(dirpath).relative_to(self.root).as_posix()
+            base = "" if rel == "." else rel + "/"
+            keys.extend(
+                base + name
+                for name in filenames
+                if not name.startswith(_TMP_PREFIX) and (base + name).startswith(prefix)
+            )
+        return sorted(keys)
+
+    def url(self, key: str) -> str:
+        return self._path(key).as_uri()

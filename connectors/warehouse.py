@@ -1,0 +1,401 @@
+"""Warehouse sink on DuckDB: bulk staging from Arrow, then one merge transaction per load.
+
+Loads are keyed by (batch, partition) in a ledger written in the same transaction as the
+merge, so a load re-run after a crash either finds its ledger row and does nothing, or
+finds nothing applied and applies everything: each batch lands exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
+
+import duckdb
+import pyarrow as pa
+
+from connectors.change_set import ChangeSet
+
+T = TypeVar("T")
+
+_SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS segment_members (
+        segment_id VARCHAR NOT NULL,
+        user_id VARCHAR NOT NULL,
+        batch_id VARCHAR NOT NULL,
+        updated_seq BIGINT NOT NULL,
+        PRIMARY KEY (segment_id, user_id)
+    )
+    """,
+    # ordinal: position within the chunk. seq cannot order a chunk: replace end-marker
+    # removals all carry seq -1 and come after the rows they follow.
+    """
+    CREATE TABLE IF NOT EXISTS staged_changes (
+        batch_id VARCHAR NOT NULL,
+        partition INTEGER NOT NULL,
+        first_position BIGINT NOT NULL,
+        ordinal BIGINT NOT NULL,
+        seq BIGINT NOT NULL,
+        user_id VARCHAR NOT NULL,
+        segment_id VARCHAR NOT NULL,
+        op VARCHAR NOT NULL
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS load_ledger (
+        batch_id VARCHAR NOT NULL,
+        partition INTEGER NOT NULL,
+        rows_loaded BIGINT NOT NULL,
+        added BIGINT NOT NULL,
+        removed BIGINT NOT NULL,
+        loaded_at TIMESTAMP NOT NULL,
+        PRIMARY KEY (batch_id, partition)
+    )
+    """,
+    """
+    CREATE TABLE IF NOT EXISTS batch_status (
+        batch_id VARCHAR PRIMARY KEY,
+        status VARCHAR,
+        rows BIGINT,
+        rejected BIGINT,
+        partitions INTEGER,
+        submitted_at TIMESTAMP,
+        published_at TIMESTAMP,
+        closed_at TIMESTAMP,
+        failed_at TIMESTAMP,
+        error VARCHAR,
+        detail JSON
+    )
+    """,
+)
+
+STATUS_COLUMNS = (
+    "batch_id",
+    "status",
+    "rows",
+    "rejected",
+    "partitions",
+    "submitted_at",
+    "published_at",
+    "closed_at",
+    "failed_at",
+    "error",
+    "detail",
+)
+_STATUS_TYPES = {
+    "batch_id": pa.string(),
+    "status": pa.string(),
+    "rows": pa.int64(),
+    "rejected": pa.int64(),
+    "partitions": pa.int32(),
+    "error": pa.string(),
+    "detail": pa.string(),
+}
+_TIMESTAMP_COLUMNS = ("submitted_at", "published_at", "closed_at", "failed_at")
+
+# Last change per (segment, user) of one (batch, partition): chunks in log order, then
+# rows in chunk order.
+_LAST_CHANGES = """
+    CREATE OR REPLACE TEMP TABLE _last_changes AS
+    SELECT segment_id, user_id, op, seq
+    FROM staged_changes
+    WHERE batch_id = $batch AND partition = $partition
+    QUALIFY row_number() OVER (
+        PARTITION BY segment_id, user_id ORDER BY first_position DESC, ordinal DESC
+    ) = 1
+"""
+_DELETE_REMOVED = """
+    DELETE FROM segment_members m USING _last_changes c
+    WHERE c.op = 'remove' AND m.segment_id = c.segment_id AND m.user_id = c.user_id
+"""
+_UPSERT_ADDED = """
+    INSERT INTO segment_members (segment_id, user_id, batch_id, updated_seq)
+    SELECT segment_id, user_id, $batch, seq FROM _last_changes WHERE op = 'add'
+    ON CONFLICT (segment_id, user_id)
+    DO UPDATE SET batch_id = excluded.batch_id, updated_seq = excluded.updated_seq
+"""
+
+
+class WarehouseError(Exception):
+    """A warehouse operation failed for good; the message names the database file."""
+
+
+@dataclass(frozen=True, slots=True)
+class LoadResult:
+    """Outcome of merge(); counts are read back from the ledger when already loaded."""
+
+    batch_id: str
+    partition: int
+    rows_loaded: int  # staged changes consumed
+    added: int  # members that were absent and are now present
+    removed: int  # members that were present and are now absent
+    already_loaded: bool = False
+
+
+class LedgerRow(NamedTuple):
+    batch_id: str
+    partition: int
+    rows_loaded: int
+    added: int
+    removed: int
+    loaded_at: datetime  # UTC, naive
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Errors worth retrying: a file lock held by another process, a write-write conflict."""
+    text = str(exc).lower()
+    if isinstance(exc, duckdb.TransactionException):
+        return "conflict" in text
+    if isinstance(exc, duckdb.IOException | duckdb.ConnectionException):
+        return "lock" in text
+    return False
+
+
+class DuckDBWarehouse:
+    """One connection per instance (the bound on connections per worker)."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        attempts: int = 5,
+        backoff_s: float = 0.05,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self.path = Path(path)
+        self._attempts = max(1, attempts)
+        self._backoff_s = backoff_s
+        self._sleep = sleep
+        # A DuckDB connection must not run two statements at once.
+        self._lock = threading.Lock()
+        self._con = self._retry("open", lambda: duckdb.connect(str(self.path)))
+        self._transaction("create schema", self._create_schema)
+
+    # -- plumbing ---------------------------------------------------------------------
+
+    def _retry(self, what: str, fn: Callable[[], T]) -> T:
+        for attempt in range(1, self._attempts + 1):
+            try:
+                return fn()
+            except duckdb.Error as exc:
+                if attempt < self._attempts and is_transient(exc):
+                    # Exponential backoff with jitter so competing workers spread out.
+                    delay = self._backoff_s * 2 ** (attempt - 1)
+                    self._sleep(delay * random.uniform(0.5, 1.0))
+                    continue
+                tries = f" after {attempt} attempts" if attempt > 1 else ""
+                raise WarehouseError(
+                    f"{what} failed on DuckDB database {self.path}{tries}: {exc}"
+                ) from exc
+        raise AssertionError("unreachable")  # the loop returns or raises
+
+    def _transaction(self, what: str, body: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
+        """Run body in one transaction, retried whole on transient errors."""
+
+        def once() -> T:
+            con = self._con
+            con.execute("BEGIN TRANSACTION")
+            try:
+                result = body(con)
+                con.execute("COMMIT")
+            except BaseException:
+                self._rollback()
+                raise
+            return result
+
+        with self._lock:
+            return self._retry(what, once)
+
+    def _rollback(self) -> None:
+        try:
+            self._con.execute("ROLLBACK")
+        except duckdb.TransactionException:
+            pass  # a failed COMMIT has already rolled back
+
+    def _query(self, what: str, sql: str, params: list[Any] | None = None) -> list[Any]:
+        with self._lock:
+            return self._retry(what, lambda: self._con.execute(sql, params).fetchall())
+
+    @staticmethod
+    def _create_schema(con: duckdb.DuckDBPyConnection) -> None:
+        for ddl in _SCHEMA:
+            con.execute(ddl)
+
+    # -- loads ------------------------------------------------------------------------
+
+    def stage(self, changes: ChangeSet) -> None:
+        """Bulk-insert one chunk into staged_changes; staging it again replaces it."""
+        table = changes.to_arrow().append_column(
+            "ordinal", pa.array(range(len(changes)), pa.int64())
+        )
+        key = [changes.batch_id, changes.partition, changes.first_position]
+
+        def body(con: duckdb.DuckDBPyConnection) -> None:
+            loaded = con.execute(
+                "SELECT 1 FROM load_ledger WHERE batch_id = ? AND partition = ?", key[:2]
+            ).fetchall()
+            if loaded:
+                return  # a chunk re-sent after its merge committed: staging it would leak
+            con.execute(
+                "DELETE FROM staged_changes"
+                " WHERE batch_id = ? AND partition = ? AND first_position = ?",
+                key,
+            )
+            con.register("_chunk", table)
+            try:
+                con.execute(
+                    """
+                    INSERT INTO staged_changes (batch_id, partition, first_position, ordinal,
+                                                seq, user_id, segment_id, op)
+                    SELECT batch_id, partition, ?, ordinal, seq, user_id, segment_id, op
+                    FROM _chunk
+                    """,
+                    [changes.first_position],
+                )
+            finally:
+                con.unregister("_chunk")
+
+        self._transaction(f"stage {changes.batch_id}/{changes.partition}", body)
+
+    def is_loaded(self, batch_id: str, partition: int) -> bool:
+        rows = self._query(
+            "read load_ledger",
+            "SELECT 1 FROM load_ledger WHERE batch_id = ? AND partition = ?",
+            [batch_id, partition],
+        )
+        return bool(rows)
+
+    def merge(self, batch_id: str, partition: int) -> LoadResult:
+        """Apply the staged changes of (batch, partition) once: last change per key wins."""
+
+        def body(con: duckdb.DuckDBPyConnection) -> LoadResult:
+            done = con.execute(
+                "SELECT rows_loaded, added, removed FROM load_ledger"
+                " WHERE batch_id = ? AND partition = ?",
+                [batch_id, partition],
+            ).fetchall()
+            if done:
+                rows_loaded, added, removed = done[0]
+                return LoadResult(batch_id, partition, rows_loaded, added, removed, True)
+            params = {"batch": batch_id, "partition": partition}
+            ((rows_loaded,),) = con.execute(
+                "SELECT count(*) FROM staged_changes WHERE batch_id = $batch"
+                " AND partition = $partition",
+                params,
+            ).fetchall()
+            con.execute(_LAST_CHANGES, params)
+            ((removed,),) = con.execute(_DELETE_REMOVED).fetchall()
+            # Final adds and final removes are disjoint keys, so the growth of the table
+            # is exactly the number of new members.
+            ((before,),) = con.execute("SELECT count(*) FROM segment_members").fetchall()
+            con.execute(_UPSERT_ADDED, {"batch": batch_id}).fetchall()
+            ((after,),) = con.execute("SELECT count(*) FROM segment_members").fetchall()
+            con.execute("DROP TABLE _last_changes")
+            con.execute(
+                "DELETE FROM staged_changes WHERE batch_id = $batch AND partition = $partition",
+                params,
+            )
+            con.execute(
+                "INSERT INTO load_ledger VALUES (?, ?, ?, ?, ?, ?)",
+                [batch_id, partition, rows_loaded, after - before, removed, _utc_now()],
+            )
+            return LoadResult(batch_id, partition, rows_loaded, after - before, removed)
+
+        return self._transaction(f"merge {batch_id}/{partition}", body)
+
+    # -- batch status -------------------------------------------------------------------
+
+    def upsert_batch_status(self, rows: list[dict[str, Any]]) -> None:
+        """Insert or wholly replace status rows keyed by batch_id (timestamps in epoch ms)."""
+        table = _status_table(rows)
+        if table.num_rows == 0:
+            return
+        updates = ", ".join(f"{c} = excluded.{c}" for c in STATUS_COLUMNS[1:])
+
+        def body(con: duckdb.DuckDBPyConnection) -> None:
+            con.register("_status", table)
+            try:
+                con.execute(
+                    f"""
+                    INSERT INTO batch_status ({", ".join(STATUS_COLUMNS)})
+                    SELECT * REPLACE (CAST(detail AS JSON) AS detail) FROM _status
+                    ON CONFLICT (batch_id) DO UPDATE SET {updates}
+                    """
+                )
+            finally:
+                con.unregister("_status")
+
+        self._transaction("upsert batch_status", body)
+
+    def batch_status(self, batch_id: str) -> dict[str, Any] | None:
+        """One status row as upserted (timestamps back in epoch ms, detail as text)."""
+        cols = ", ".join(
+            f"epoch_ms({c}) AS {c}" if c in _TIMESTAMP_COLUMNS else c for c in STATUS_COLUMNS
+        )
+        rows = self._query(
+            "read batch_status",
+            f"SELECT {cols} FROM batch_status WHERE batch_id = ?",
+            [batch_id],
+        )
+        return dict(zip(STATUS_COLUMNS, rows[0], strict=True)) if rows else None
+
+    # -- reads ----------------------------------------------------------------------------
+
+    def members(self, segment_id: str | None = None) -> list[tuple[str, str]]:
+        """(segment_id, user_id) of current members, sorted."""
+        where, params = ("WHERE segment_id = ?", [segment_id]) if segment_id is not None else ("", [])
+        return self._query(
+            "read segment_members",
+            f"SELECT segment_id, user_id FROM segment_members {where} ORDER BY 1, 2",
+            params,
+        )
+
+    def ledger(self) -> list[LedgerRow]:
+        rows = self._query(
+            "read load_ledger",
+            "SELECT batch_id, partition, rows_loaded, added, removed, loaded_at"
+            " FROM load_ledger ORDER BY batch_id, partition",
+        )
+        return [LedgerRow(*r) for r in rows]
+
+    def close(self) -> None:
+        with self._lock:
+            self._con.close()
+
+    def __enter__(self) -> DuckDBWarehouse:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC).replace(tzinfo=None)
+
+
+def _status_table(rows: list[dict[str, Any]]) -> pa.Table:
+    """Status dicts as one Arrow table, last row per batch_id winning (an upsert batch)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        unknown = row.keys() - set(STATUS_COLUMNS)
+        if unknown:
+            raise ValueError(f"batch_status row has unknown keys {sorted(unknown)}")
+        if not row.get("batch_id"):
+            raise ValueError(f"batch_status row without batch_id: {row!r}")
+        latest[row["batch_id"]] = row
+    columns: dict[str, pa.Array] = {}
+    for col in STATUS_COLUMNS:
+        values = [r.get(col) for r in latest.values()]
+        if col == "detail":
+            # Stored as JSON text; sorted keys so equal details compare equal.
+            values = [v if v is None or isinstance(v, str) else json.dumps(v, sort_keys=True) for v in values]
+        typ = pa.timestamp("ms") if col in _TIMESTAMP_COLUMNS else _STATUS_TYPES[col]
+        columns[col] = pa.array(values, typ)
+    return pa.table(columns)

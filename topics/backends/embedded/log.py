@@ -1,0 +1,276 @@
+"""The embedded backend: a durable single-machine log under a data directory.
+
+    <root>/log/<topic>/topic.json       partition count
+    <root>/log/<topic>/<n>.log          frames (see partition_file.py)
+    <root>/groups/<group>/...           members, owners, committed positions (groups.py)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from topics.backends.embedded.groups import GroupDir
+from topics.backends.embedded.partition_file import PartitionFile, encode_frame
+from topics.log import (
+    GroupBusyError,
+    GroupPosition,
+    Message,
+    PartitionInfo,
+    RebalanceListener,
+    TopicError,
+    TopicPartition,
+)
+from topics.spec import TopicSpec
+
+REBALANCE_EVERY_S = 0.5
+
+
+class EmbeddedLog:
+    def __init__(self, root: Path, fsync: bool = False):
+        self.root = Path(root)
+        self.url = f"embedded://{self.root}"
+        self.fsync = fsync
+        self._files: dict[TopicPartition, PartitionFile] = {}
+
+    # -- topics ---------------------------------------------------------------------------
+    def _topic_dir(self, topic: str) -> Path:
+        return self.root / "log" / topic
+
+    def ensure_topics(self, specs: Sequence[TopicSpec]) -> None:
+        for spec in specs:
+            meta = self._topic_dir(spec.name) / "topic.json"
+            if meta.exists():
+                have = json.loads(meta.read_text(encoding="utf-8"))["partitions"]
+                if have != spec.partitions:
+                    raise TopicError(
+                        f"topic {spec.name} has {have} partitions but its spec says "
+                        f"{spec.partitions}; co-partitioned topics must match"
+                    )
+                continue
+            meta.parent.mkdir(parents=True, exist_ok=True)
+            body = {"partitions": spec.partitions, "changelog": spec.changelog}
+            tmp = meta.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(body), encoding="utf-8")
+            os.replace(tmp, meta)
+
+    def partitions(self, topic: str) -> list[int]:
+        meta = self._topic_dir(topic) / "topic.json"
+        try:
+            count = json.loads(meta.read_text(encoding="utf-8"))["partitions"]
+        except FileNotFoundError:
+            raise TopicError(f"no topic {topic} in {self.root}") from None
+        return list(range(count))
+
+    def file(self, tp: TopicPartition) -> PartitionFile:
+        pf = self._files.get(tp)
+        if pf is None:
+            if tp.partition not in self.partitions(tp.topic):
+                raise TopicError(f"{tp}: no such partition")
+            path = self._topic_dir(tp.topic) / f"{tp.partition}.log"
+            pf = self._files[tp] = PartitionFile(path, fsync=self.fsync)
+        return pf
+
+    # -- clients --------------------------------------------------------------------------
+    def producer(self) -> EmbeddedProducer:
+        return EmbeddedProducer(self)
+
+    def consumer(
+        self, group: str, topics: Sequence[str], listener: RebalanceListener, member: str = ""
+    ) -> EmbeddedConsumer:
+        return EmbeddedConsumer(self, group, topics, listener, member)
+
+    def read(self, topic: str, partition: int, after: int | None = None) -> Iterator[Message]:
+        tp = TopicPartition(topic, partition)
+        pf = self.file(tp)
+        end = pf.size()
+        pos = 0 if after is None else pf.frame_end(after)
+        while pos < end:
+            frames = pf.read(pos, 10_000)
+            if not frames:
+                return
+            for position, ts, key, value, nxt in frames:
+                if position >= end:
+                    return
+                yield Message(topic, partition, position, value, key, ts)
+                pos = nxt
+
+    # -- inspection and admin -------------------------------------------------------------
+    def _count(self, tp: TopicPartition, after: int | None) -> tuple[int, int | None, int | None]:
+        first = last = None
+        n = 0
+        for msg in self.read(tp.topic, tp.partition, after):
+            first = msg.position if first is None else first
+            last = msg.position
+            n += 1
+        return n, first, last
+
+    def describe(self, topic: str) -> list[PartitionInfo]:
+        out = []
+        for p in self.partitions(topic):
+            n, first, last = self._count(TopicPartition(topic, p), None)
+            out.append(PartitionInfo(topic, p, first, last, n))
+        return out
+
+    def groups(self) -> list[str]:
+        folder = self.root / "groups"
+        return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
+
+    def group_positions(self, group: str) -> list[GroupPosition]:
+        gd = GroupDir(self.root, group)
+        out = []
+        if not gd.dir.is_dir():
+            return out
+        for topic_dir in sorted(p for p in gd.dir.iterdir() if p.is_dir() and p.name != "members"):
+            for p in self.partitions(topic_dir.name):
+                tp = TopicPartition(topic_dir.name, p)
+                committed = gd.committed(tp)
+                lag, _f, _l = self._count(tp, committed)
+                out.append(GroupPosition(group, tp, committed, lag, gd.owner(tp)))
+        return out
+
+    def active_members(self, group: str) -> list[str]:
+        return GroupDir(self.root, group).live_members()
+
+    def reset_group(self, group: str, positions: dict[TopicPartition, int | None]) -> None:
+        gd = GroupDir(self.root, group)
+        live = gd.live_members()
+        if live:
+            raise GroupBusyError(
+                f"group {group} has running members ({', '.join(live)}); stop its workers first"
+            )
+        for tp, position in positions.items():
+            gd.commit(tp, position)
+
+    def close(self) -> None:
+        for pf in self._files.values():
+            pf.close()
+        self._files.clear()
+
+
+class EmbeddedProducer:
+    def __init__(self, log: EmbeddedLog):
+        self.log = log
+        self._pending: dict[TopicPartition, list[bytes]] = {}
+
+    def send(self, topic: str, partition: int, value: bytes, key: bytes | None = None) -> None:
+        tp = TopicPartition(topic, partition)
+        frame = encode_frame(value, key, int(time.time() * 1000))
+        self._pending.setdefault(tp, []).append(frame)
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, {}
+        for tp, frames in pending.items():
+            self.log.file(tp).append(frames)
+
+    def close(self) -> None:
+        self.flush()
+
+
+class EmbeddedConsumer:
+    """Owns a fair share of the subscribed partitions; shares move as members come and go."""
+
+    def __init__(
+        self,
+        log: EmbeddedLog,
+        group: str,
+        topics: Sequence[str],
+        listener: RebalanceListener,
+        member: str = "",
+    ):
+        self.log = log
+        self.topics = list(topics)
+        self.listener = listener
+        self.member = member or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.groupdir = GroupDir(log.root, group)
+        self._member_fd = self.groupdir.join(self.member)
+        self._owned: dict[TopicPartition, int] = {}  # tp -> owner lock fd
+        self._next: dict[TopicPartition, int] = {}  # tp -> next byte position to read
+        self._next_rebalance = 0.0
+        self._rr = 0
+
+    def assignment(self) -> set[TopicPartition]:
+        return set(self._owned)
+
+    def _all_partitions(self) -> list[TopicPartition]:
+        return [TopicPartition(t, p) for t in self.topics for p in self.log.partitions(t)]
+
+    def _rebalance(self) -> None:
+        self._next_rebalance = time.monotonic() + REBALANCE_EVERY_S
+        everything = self._all_partitions()
+        members = max(1, len(self.groupdir.live_members()))
+        target = math.ceil(len(everything) / members)
+        if len(self._owned) > target:
+            extra = sorted(self._owned)[target:]
+            self.listener.on_revoked(extra)
+            for tp in extra:
+                self.groupdir.release(self._owned.pop(tp))
+                self._next.pop(tp, None)
+        gained = []
+        for tp in everything:
+            if len(self._owned) >= target:
+                break
+            if tp in self._owned:
+                continue
+            fd = self.groupdir.try_own(tp, self.member)
+            if fd is not None:
+                self._owned[tp] = fd
+                self.seek_after(tp, self.groupdir.committed(tp))
+                gained.append(tp)
+        if gained:
+            self.listener.on_assigned(gained)
+
+    def seek_after(self, tp: TopicPartition, position: int | None) -> None:
+        self._next[tp] = 0 if position is None else self.log.file(tp).frame_end(position)
+
+    def poll(self, max_messages: int, timeout_s: float) -> list[Message]:
+        deadline = time.monotonic() + timeout_s
+        delay = 0.002
+        while True:
+            if time.monotonic() >= self._next_rebalance:
+                self._rebalance()
+            out = self._fetch(max_messages)
+            if out or time.monotonic() >= deadline:
+                return out
+            time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+            delay = min(delay * 2, 0.05)
+
+    def _fetch(self, max_messages: int) -> list[Message]:
+        tps = sorted(self._next)
+        out: list[Message] = []
+        for i in range(len(tps)):
+            tp = tps[(self._rr + i) % len(tps)]
+            pf = self.log.file(tp)
+            start = self._next[tp]
+            frames = pf.read(start, max_messages - len(out))
+            if not frames and pf.size() > start:
+                pf.repair_if_idle()  # a tail that stays incomplete is torn
+            for position, ts, key, value, nxt in frames:
+                out.append(Message(tp.topic, tp.partition, position, value, key, ts))
+                self._next[tp] = nxt
+            if len(out) >= max_messages:
+                break
+        self._rr += 1
+        return out
+
+    def commit(self, positions: dict[TopicPartition, int]) -> None:
+        for tp, position in positions.items():
+            if tp in self._owned:  # a revoked partition's position belongs to its new owner
+                self.groupdir.commit(tp, position)
+
+    def committed(self, tp: TopicPartition) -> int | None:
+        return self.groupdir.committed(tp)
+
+    def close(self) -> None:
+        owned = sorted(self._owned)
+        if owned:
+            self.listener.on_revoked(owned)
+        for fd in self._owned.values():
+            self.groupdir.release(fd)
+        self._owned.clear()
+        self.groupdir.leave(self.member, self._member_fd)

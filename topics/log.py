@@ -1,0 +1,132 @@
+"""The small interface every backend (embedded, kafka, kinesis) implements.
+
+Positions are opaque, comparable integers. They are NOT dense: the embedded log uses byte
+offsets, Kinesis uses sequence numbers. Code above this layer never computes "position + 1";
+it commits the last position it processed and the backend resumes after it. Partitions may
+appear over time (Kinesis resharding), so callers ask for them rather than assume them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from topics.spec import TopicSpec
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class TopicPartition:
+    topic: str
+    partition: int
+
+    def __str__(self) -> str:
+        return f"{self.topic}[{self.partition}]"
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    topic: str
+    partition: int
+    position: int
+    value: bytes
+    key: bytes | None = None
+    timestamp_ms: int = 0
+
+    @property
+    def tp(self) -> TopicPartition:
+        return TopicPartition(self.topic, self.partition)
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionInfo:
+    topic: str
+    partition: int
+    first_position: int | None  # None when empty
+    last_position: int | None
+    messages: int
+
+
+@dataclass(frozen=True, slots=True)
+class GroupPosition:
+    group: str
+    tp: TopicPartition
+    committed: int | None  # last processed position
+    lag: int  # messages after `committed`
+    owner: str | None  # member holding the partition now, if known
+
+
+class TopicError(Exception):
+    """A topic is missing or does not match its spec (e.g. partition counts differ)."""
+
+
+class GroupBusyError(Exception):
+    """An operation needs the group's workers stopped, and some are running."""
+
+
+class RebalanceListener(Protocol):
+    def on_assigned(self, tps: Sequence[TopicPartition]) -> None: ...
+
+    def on_revoked(self, tps: Sequence[TopicPartition]) -> None: ...
+
+
+class Producer(Protocol):
+    def send(self, topic: str, partition: int, value: bytes, key: bytes | None = None) -> None:
+        """Buffers a message; it is acknowledged (durable) once `flush` returns."""
+
+    def flush(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Consumer(Protocol):
+    def assignment(self) -> set[TopicPartition]: ...
+
+    def poll(self, max_messages: int, timeout_s: float) -> list[Message]:
+        """Messages of owned partitions in position order per partition. Rebalance callbacks
+        run inside poll, before any message of a newly assigned partition is returned."""
+
+    def seek_after(self, tp: TopicPartition, position: int | None) -> None:
+        """Next poll returns messages after `position` (None: from the beginning)."""
+
+    def commit(self, positions: dict[TopicPartition, int]) -> None:
+        """Records the last processed position per partition, durably."""
+
+    def committed(self, tp: TopicPartition) -> int | None: ...
+
+    def close(self) -> None: ...
+
+
+class Log(Protocol):
+    url: str
+
+    def ensure_topics(self, specs: Sequence[TopicSpec]) -> None:
+        """Creates missing topics; raises TopicError when one exists with other partitions."""
+
+    def partitions(self, topic: str) -> list[int]: ...
+
+    def producer(self) -> Producer: ...
+
+    def consumer(
+        self, group: str, topics: Sequence[str], listener: RebalanceListener, member: str = ""
+    ) -> Consumer: ...
+
+    def read(
+        self, topic: str, partition: int, after: int | None = None
+    ) -> Iterator[Message]:
+        """Reads one partition from after `after` to the end seen when reading started
+        (changelog restore, status views). Needs no group and takes no ownership."""
+
+    def describe(self, topic: str) -> list[PartitionInfo]: ...
+
+    def groups(self) -> list[str]: ...
+
+    def group_positions(self, group: str) -> list[GroupPosition]: ...
+
+    def active_members(self, group: str) -> list[str]: ...
+
+    def reset_group(self, group: str, positions: dict[TopicPartition, int | None]) -> None:
+        """Sets committed positions (None: before the first message). Raises GroupBusyError
+        while members of the group are running."""
+
+    def close(self) -> None: ...
