@@ -117,6 +117,9 @@ class Log(Protocol):
         """Reads one partition from after `after` to the end seen when reading started
         (changelog restore, status views). Needs no group and takes no ownership."""
 
+    def read_at(self, topic: str, partition: int, position: int) -> Message:
+        """The message at `position` (a sink reads the stamp of its last commit)."""
+
     def describe(self, topic: str) -> list[PartitionInfo]: ...
 
     def groups(self) -> list[str]: ...

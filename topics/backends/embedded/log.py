@@ -100,6 +100,13 @@ class EmbeddedLog:
                 yield Message(topic, partition, position, value, key, ts)
                 pos = nxt
 
+    def read_at(self, topic: str, partition: int, position: int) -> Message:
+        frames = self.file(TopicPartition(topic, partition)).read(position, 1)
+        if not frames or frames[0][0] != position:
+            raise TopicError(f"{topic}[{partition}]: no message at position {position}")
+        _pos, ts, key, value, _next = frames[0]
+        return Message(topic, partition, position, value, key, ts)
+
     # -- inspection and admin -------------------------------------------------------------
     def _count(self, tp: TopicPartition, after: int | None) -> tuple[int, int | None, int | None]:
         first = last = None

@@ -1,0 +1,177 @@
+"""Audience segments: user -> segments, folded from imported rows and end markers.
+
+State per partition (both tables changelogged):
+- `members`: user_id -> memberships, a tuple of (segment_id, batch_id) pairs. The batch is
+  the last `replace` batch that listed the user in that segment (or the batch that added it),
+  so a replace end marker removes exactly the members whose pair names another batch.
+- `batches`: batch_id -> BatchProgress in this partition: the highest row seq applied (rows
+  at or below it are duplicates from a re-sent import and are skipped), the rows applied, the
+  changes emitted, and whether the end marker was applied.
+
+Outputs are only real membership changes, then the end marker flows on downstream with the
+count of changes, and a `partition_applied` (or `failed`) event goes to the pipeline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from processors.events import batch_event
+from streams.api import Input, Output, Table, TableSpec
+from topics.spec import CHANGES, ROWS, SEGMENTS_CHANGELOG
+
+Memberships = tuple[tuple[str, str], ...]
+_PAIR_SEP, _ITEM_SEP = "\x1f", "\x1e"  # control characters never pass import validation
+
+
+def encode_memberships(value: Memberships) -> str:
+    return _ITEM_SEP.join(f"{seg}{_PAIR_SEP}{batch}" for seg, batch in value)
+
+
+def decode_memberships(text: str) -> Memberships:
+    return tuple(tuple(item.split(_PAIR_SEP, 1)) for item in text.split(_ITEM_SEP))  # type: ignore[misc]
+
+
+@dataclass(frozen=True, slots=True)
+class BatchProgress:
+    max_seq: int = 0
+    applied: int = 0
+    changes: int = 0
+    done: bool = False
+
+
+def encode_progress(p: BatchProgress) -> str:
+    return f"{p.max_seq},{p.applied},{p.changes},{int(p.done)}"
+
+
+def decode_progress(text: str) -> BatchProgress:
+    max_seq, applied, changes, done = text.split(",")
+    return BatchProgress(int(max_seq), int(applied), int(changes), done == "1")
+
+
+MEMBERS = TableSpec("members", encode_memberships, decode_memberships)
+BATCHES = TableSpec("batches", encode_progress, decode_progress)
+
+
+class AudienceSegments:
+    name = "segments"
+    input_topic = ROWS
+    changelog_topic = SEGMENTS_CHANGELOG
+    tables = (MEMBERS, BATCHES)
+
+    def __init__(self) -> None:
+        # Interning the (segment, batch) pairs: one million members of one segment share one
+        # pair object, which is most of the memory a membership would otherwise take.
+        self._pairs: dict[tuple[str, str], tuple[str, str]] = {}
+
+    def process(self, tables: dict[str, Table[Any]], record: Input) -> list[Output]:
+        if record.schema == "AudienceRows":
+            return self._rows(tables["members"], tables["batches"], record)
+        if record.schema == "EndMarker":
+            return self._end_marker(tables["members"], tables["batches"], record)
+        raise ValueError(f"{self.input_topic}: unexpected schema {record.schema}")
+
+    def _pair(self, segment: str, batch_id: str) -> tuple[str, str]:
+        key = (segment, batch_id)
+        return self._pairs.setdefault(key, key)
+
+    def _rows(self, members: Table[Memberships], batches: Table[BatchProgress],
+              record: Input) -> list[Output]:
+        v = record.value
+        batch_id = v["batch_id"]
+        progress = batches.get(batch_id) or BatchProgress()
+        if progress.done:
+            return []  # the batch is closed here: a re-sent import changes nothing
+        max_seq, applied = progress.max_seq, progress.applied
+        reaffirm = v["mode"] == "replace"
+        out_users: list[str] = []
+        out_segments: list[str] = []
+        out_ops: list[str] = []
+        out_seqs: list[int] = []
+        get, put, drop, pair = members.get, members.set, members.delete, self._pair
+        for seq, user, segment, op in zip(v["seqs"], v["user_ids"], v["segment_ids"], v["ops"],
+                                          strict=True):
+            if seq <= max_seq:
+                continue  # a duplicate delivery of a row already applied
+            max_seq = seq
+            applied += 1
+            current = get(user) or ()
+            index = next((i for i, (s, _b) in enumerate(current) if s == segment), -1)
+            if op == "add":
+                if index >= 0:
+                    if reaffirm and current[index][1] != batch_id:
+                        # A replace batch re-affirms a member so that its end marker keeps it.
+                        put(user, (*current[:index], pair(segment, batch_id),
+                                   *current[index + 1 :]))
+                    continue
+                put(user, (*current, pair(segment, batch_id)))
+            elif index < 0:
+                continue
+            elif len(current) > 1:
+                put(user, current[:index] + current[index + 1 :])
+            else:
+                drop(user)
+            out_users.append(user)
+            out_segments.append(segment)
+            out_ops.append(op)
+            out_seqs.append(seq)
+        batches.set(batch_id, BatchProgress(max_seq, applied, progress.changes + len(out_users)))
+        if not out_users:
+            return []
+        return [self._changes(record, batch_id, out_users, out_segments, out_ops, out_seqs)]
+
+    def _end_marker(self, members: Table[Memberships], batches: Table[BatchProgress],
+                    record: Input) -> list[Output]:
+        m = record.value
+        batch_id, partition = m["batch_id"], record.partition
+        progress = batches.get(batch_id) or BatchProgress()
+        if progress.done:
+            return []
+        if progress.applied != m["count"]:
+            batches.set(batch_id, BatchProgress(progress.max_seq, progress.applied,
+                                                progress.changes, done=True))
+            error = (f"partition {partition} of {self.input_topic} holds {progress.applied} "
+                     f"records of batch {batch_id} but its end marker says {m['count']}")
+            return [batch_event(batch_id, "failed", record.timestamp_ms, partition=partition,
+                                step="segments", error=error)]
+        outputs: list[Output] = []
+        removed = self._replace(members, batch_id, m["segments"]) if m["mode"] == "replace" else []
+        if removed:
+            users = [u for u, _s in removed]
+            segments = [s for _u, s in removed]
+            outputs.append(self._changes(record, batch_id, users, segments,
+                                         ["remove"] * len(users), [-1] * len(users)))
+        changes = progress.changes + len(removed)
+        batches.set(batch_id, BatchProgress(progress.max_seq, progress.applied, changes, True))
+        outputs.append(Output(CHANGES, "EndMarker", {
+            **m, "count": changes, "source_position": record.position}, partition=partition))
+        outputs.append(batch_event(batch_id, "partition_applied", record.timestamp_ms,
+                                   partition=partition, rows=progress.applied, changes=changes))
+        return outputs
+
+    def _replace(self, members: Table[Memberships], batch_id: str,
+                 segments: list[str]) -> list[tuple[str, str]]:
+        """Removes this partition's members of `segments` that the batch did not list."""
+        named = set(segments)
+        removed: list[tuple[str, str]] = []
+        updates: list[tuple[str, Memberships]] = []
+        for user, current in members.items():
+            keep = tuple(p for p in current if p[0] not in named or p[1] == batch_id)
+            if len(keep) != len(current):
+                removed.extend((user, s) for s, b in current if s in named and b != batch_id)
+                updates.append((user, keep))
+        for user, keep in updates:  # not while iterating the table
+            if keep:
+                members.set(user, keep)
+            else:
+                members.delete(user)
+        removed.sort()  # a deterministic order, whatever the store's iteration order
+        return removed
+
+    @staticmethod
+    def _changes(record: Input, batch_id: str, users: list[str], segments: list[str],
+                 ops: list[str], seqs: list[int]) -> Output:
+        return Output(CHANGES, "SegmentChanges", {
+            "batch_id": batch_id, "source_position": record.position, "user_ids": users,
+            "segment_ids": segments, "ops": ops, "seqs": seqs}, partition=record.partition)
