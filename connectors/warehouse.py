@@ -7,6 +7,7 @@ finds nothing applied and applies everything: each batch lands exactly once.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import threading
@@ -214,10 +215,9 @@ class DuckDBWarehouse:
             return self._retry(what, once)
 
     def _rollback(self) -> None:
-        try:
+        # A failed COMMIT has already rolled back; ROLLBACK then reports no transaction.
+        with contextlib.suppress(duckdb.TransactionException):
             self._con.execute("ROLLBACK")
-        except duckdb.TransactionException:
-            pass  # a failed COMMIT has already rolled back
 
     def _query(self, what: str, sql: str, params: list[Any] | None = None) -> list[Any]:
         with self._lock:
@@ -350,7 +350,9 @@ class DuckDBWarehouse:
 
     def members(self, segment_id: str | None = None) -> list[tuple[str, str]]:
         """(segment_id, user_id) of current members, sorted."""
-        where, params = ("WHERE segment_id = ?", [segment_id]) if segment_id is not None else ("", [])
+        where, params = (
+            ("WHERE segment_id = ?", [segment_id]) if segment_id is not None else ("", [])
+        )
         return self._query(
             "read segment_members",
             f"SELECT segment_id, user_id FROM segment_members {where} ORDER BY 1, 2",
@@ -395,7 +397,10 @@ def _status_table(rows: list[dict[str, Any]]) -> pa.Table:
         values = [r.get(col) for r in latest.values()]
         if col == "detail":
             # Stored as JSON text; sorted keys so equal details compare equal.
-            values = [v if v is None or isinstance(v, str) else json.dumps(v, sort_keys=True) for v in values]
+            values = [
+                v if v is None or isinstance(v, str) else json.dumps(v, sort_keys=True)
+                for v in values
+            ]
         typ = pa.timestamp("ms") if col in _TIMESTAMP_COLUMNS else _STATUS_TYPES[col]
         columns[col] = pa.array(values, typ)
     return pa.table(columns)

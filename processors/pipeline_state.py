@@ -27,6 +27,7 @@ class BatchStatus:
     checksum: str = ""
     mode: str = ""
     sinks: tuple[str, ...] = ()
+    segments: tuple[str, ...] = ()
     rows: int = 0
     rejected: int = 0
     partitions: int = 0
@@ -59,6 +60,7 @@ class BatchStatus:
         raw = json.loads(text)
         raw["sinks"] = tuple(raw["sinks"])
         raw["partition_counts"] = tuple(raw["partition_counts"])
+        raw["segments"] = tuple(raw.get("segments", ()))
         return cls(**raw)
 
 
@@ -81,7 +83,8 @@ def fold(status: BatchStatus | None, event: dict[str, Any]) -> BatchStatus | Non
             return status
         status = replace(status, status=PUBLISHED, rows=event["rows"],
                          rejected=event["rejected"], partitions=len(event["partition_counts"]),
-                         partition_counts=tuple(event["partition_counts"]), published_at=at)
+                         partition_counts=tuple(event["partition_counts"]),
+                         segments=tuple(event["segments"]), published_at=at)
     elif kind == "partition_applied":
         key = str(event["partition"])
         if key in status.applied:

@@ -1,0 +1,100 @@
+"""The sink side of `audience.segment-changes`: buffers each (batch, partition)'s changes
+into chunks of a fixed size, hands full chunks to a writer, and at the end marker checks
+the count, closes the partition in the writer and reports `sink_committed`.
+
+Chunk boundaries depend only on the (deduplicated) changes, and a chunk is named by the
+source position of its first change, so a rewrite after a crash or a replay produces the
+same chunks. Offsets are committed only between batches, so a restarted sink re-reads the
+open batch from its start and rebuilds every chunk of it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from connectors.change_set import ChangeSet
+from processors.events import batch_event
+from streams.api import Input, Output
+from topics.spec import CHANGES
+
+KIND_ORDER = {"SegmentChanges": 0, "EndMarker": 1}  # outputs of one input, in emission order
+
+
+class ChangeWriter(Protocol):
+    name: str
+
+    def write_chunk(self, changes: ChangeSet) -> None:
+        """Durably writes one chunk; writing the same chunk again changes nothing."""
+
+    def close_partition(self, batch_id: str, partition: int, partitions: int) -> str:
+        """Makes a (batch, partition) final, exactly once; returns where its output is."""
+
+
+@dataclass
+class _Open:
+    first_position: int = -1
+    user_ids: list[str] = field(default_factory=list)
+    segment_ids: list[str] = field(default_factory=list)
+    ops: list[str] = field(default_factory=list)
+    seqs: list[int] = field(default_factory=list)
+    received: int = 0  # changes of the batch in this partition so far, all chunks
+
+
+class ChangeSink:
+    topic = CHANGES
+
+    def __init__(self, writer: ChangeWriter, partitions: int, chunk_rows: int = 100_000):
+        self.writer = writer
+        self.name = writer.name
+        self.partitions = partitions
+        self.chunk_rows = chunk_rows
+        self._open: dict[tuple[str, int], _Open] = {}
+
+    def stamp(self, record: Input) -> tuple[int, int]:
+        return record.value["source_position"], KIND_ORDER[record.schema]
+
+    def idle(self, partition: int) -> bool:
+        return not any(p == partition for _b, p in self._open)
+
+    def reset(self, partition: int) -> None:
+        for key in [k for k in self._open if k[1] == partition]:
+            del self._open[key]
+
+    def process(self, record: Input) -> list[Output]:
+        v = record.value
+        key = (v["batch_id"], record.partition)
+        buf = self._open.setdefault(key, _Open())
+        if record.schema == "SegmentChanges":
+            if not buf.user_ids:
+                buf.first_position = v["source_position"]
+            buf.user_ids.extend(v["user_ids"])
+            buf.segment_ids.extend(v["segment_ids"])
+            buf.ops.extend(v["ops"])
+            buf.seqs.extend(v["seqs"])
+            buf.received += len(v["user_ids"])
+            if len(buf.user_ids) >= self.chunk_rows:
+                self._flush(key, buf)
+            return []
+        return self._end_marker(key, buf, record)
+
+    def _flush(self, key: tuple[str, int], buf: _Open) -> None:
+        if buf.user_ids:
+            self.writer.write_chunk(ChangeSet(key[0], key[1], buf.first_position, buf.user_ids,
+                                              buf.segment_ids, buf.ops, buf.seqs))
+            buf.user_ids, buf.segment_ids, buf.ops, buf.seqs = [], [], [], []
+
+    def _end_marker(self, key: tuple[str, int], buf: _Open, record: Input) -> list[Output]:
+        batch_id, partition = key
+        del self._open[key]
+        expected = record.value["count"]
+        if buf.received != expected:
+            error = (f"sink {self.name}: partition {partition} of {self.topic} holds "
+                     f"{buf.received} changes of batch {batch_id} but its end marker says "
+                     f"{expected}")
+            return [batch_event(batch_id, "failed", record.timestamp_ms, partition=partition,
+                                step=f"sink:{self.name}", error=error)]
+        self._flush(key, buf)
+        location = self.writer.close_partition(batch_id, partition, self.partitions)
+        return [batch_event(batch_id, "sink_committed", record.timestamp_ms, partition=partition,
+                            sink=self.name, changes=expected, location=location)]

@@ -1,0 +1,193 @@
+"""The file importer: validates a file into a local spool, then publishes it.
+
+1. Checksum the file; the batch id derives from it unless given.
+2. Ask the batch table whether the batch exists: the same file again changes nothing; a
+   different file under an existing explicit batch id is refused; a batch whose import was
+   cut short is resumed (rows the processor already holds are skipped there by seq).
+3. Read, validate and partition every row (murmur2 of user_id, as Kafka's producer would),
+   packing each partition's rows into messages in the spool; bad rows go to the dead-letter
+   topic. Past the error budget the batch fails here, before any row is published.
+4. Publish the spool, record `published` with the per-partition counts, then write one END
+   MARKER to every partition.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+
+from connectors.error_budget import ErrorBudget
+from connectors.readers import file_checksum, read_chunks
+from connectors.rows import MODES, InputFileError, RowChunk
+from connectors.spool import Spool, spool_path
+from processors.events import batch_event
+from processors.pipeline_state import PUBLISHED, SUBMITTED, BatchStatus, PipelineState
+from streams.outputs import OutputWriter
+from streams.state.table_reader import read_table
+from topics.codec import encode
+from topics.log import Log
+from topics.partitioner import KAFKA_SEED
+from topics.spec import DEAD_LETTER, ROWS
+
+from murmurhash2 import murmurhash2  # isort: skip
+
+BATCH_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+RAW_LIMIT = 500
+
+
+class ImportRefused(Exception):
+    """The request contradicts what the pipeline already holds (e.g. a reused batch id)."""
+
+
+@dataclass(frozen=True)
+class ImportRequest:
+    path: str
+    segment: str | None = None
+    mode: str = "add"
+    batch_id: str | None = None
+    fmt: str | None = None
+    max_rejects: ErrorBudget = field(default_factory=lambda: ErrorBudget(fraction=0.01))
+    sinks: tuple[str, ...] = ("s3", "warehouse")
+    message_rows: int = 5000
+
+
+@dataclass
+class ImportResult:
+    batch_id: str
+    checksum: str
+    outcome: str  # published | resumed | duplicate | failed
+    rows: int = 0
+    rejected: int = 0
+    partition_counts: list[int] = field(default_factory=list)
+    error: str = ""
+    seconds: float = 0.0
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Importer:
+    def __init__(self, log: Log, spool_dir: Path,
+                 progress: Callable[[int], None] | None = None):
+        self.log = log
+        self.spool_dir = spool_dir
+        self.progress = progress or (lambda rows: None)
+        self.out = OutputWriter(log, log.producer())
+        self.partitions = len(log.partitions(ROWS))
+
+    def run(self, req: ImportRequest) -> ImportResult:
+        started = time.monotonic()
+        if req.mode not in MODES:
+            raise ValueError(f"--mode {req.mode!r}: expected one of {', '.join(MODES)}")
+        if req.batch_id is not None and not BATCH_ID.match(req.batch_id):
+            raise ValueError(f"--batch-id {req.batch_id!r}: expected 1-128 letters, digits, "
+                             "'.', '_' or '-', starting with a letter or digit")
+        checksum = file_checksum(req.path)
+        batch_id = req.batch_id or f"b-{checksum[:20]}"
+        status: BatchStatus | None = read_table(self.log, PipelineState(), "batches").get(batch_id)
+        if status is not None and status.checksum != checksum:
+            raise ImportRefused(
+                f"batch id {batch_id} already names another file ({status.source}, sha256 "
+                f"{status.checksum[:12]}...); {req.path} has sha256 {checksum[:12]}...: "
+                "choose another --batch-id")
+        if status is not None and status.status not in (SUBMITTED, PUBLISHED):
+            return ImportResult(batch_id, checksum, "duplicate", status.rows, status.rejected,
+                                list(status.partition_counts))
+        if status is not None and status.status == PUBLISHED:
+            # Rows and counts are all on the topic; only end markers may be missing.
+            self._end_markers(batch_id, req.mode, list(status.partition_counts), status.rows,
+                              list(status.segments))
+            return ImportResult(batch_id, checksum, "resumed", status.rows, status.rejected,
+                                list(status.partition_counts), seconds=time.monotonic() - started)
+        result = self._import(req, batch_id, checksum, submit=status is None)
+        result.seconds = time.monotonic() - started
+        return result
+
+    def _import(self, req: ImportRequest, batch_id: str, checksum: str,
+                submit: bool) -> ImportResult:
+        chunks = read_chunks(req.path, segment=req.segment, mode=req.mode, fmt=req.fmt)
+        # Whole-file problems raise in the first chunks, before anything is sent.
+        head: list[RowChunk] = []
+        for chunk in chunks:
+            head.append(chunk)
+            if len(chunk) or chunk.rejects:
+                break
+        else:
+            raise InputFileError(f"{req.path}: no data rows; expected at least one row after "
+                                 "the header")
+        if submit:
+            self.out.send(batch_event(batch_id, "submitted", now_ms(), source=req.path,
+                                      checksum=checksum, mode=req.mode, sinks=list(req.sinks)))
+            self.out.flush()
+        counts = [0] * self.partitions
+        rejected = 0
+        segments: set[str] = set()
+        with Spool(spool_path(self.spool_dir, batch_id)) as spool:
+            for chunk in chain(head, chunks):
+                rejected += self._dead_letters(batch_id, chunk)
+                segments.update(chunk.segment_ids)
+                self._spool_chunk(spool, batch_id, req, chunk, counts)
+                self.progress(sum(counts) + rejected)
+            spool.finish()
+            rows = sum(counts)
+            self.out.flush()  # dead letters
+            if req.max_rejects.exceeded(rejected, rows + rejected) or rows == 0:
+                error = (f"{req.path}: {rejected} of {rows + rejected} rows rejected, over the "
+                         f"error budget of {req.max_rejects}; see topic {DEAD_LETTER}")
+                self.out.send(batch_event(batch_id, "failed", now_ms(), step="import",
+                                          error=error, rows=rows, rejected=rejected))
+                self.out.flush()
+                return ImportResult(batch_id, checksum, "failed", rows, rejected, counts, error)
+            producer = self.out.producer
+            for partition, value in spool:
+                producer.send(ROWS, partition, value)
+            producer.flush()
+        self.out.send(batch_event(batch_id, "published", now_ms(), rows=rows, rejected=rejected,
+                                  partition_counts=counts, segments=sorted(segments)))
+        self.out.flush()
+        self._end_markers(batch_id, req.mode, counts, rows, sorted(segments))
+        return ImportResult(batch_id, checksum, "published", rows, rejected, counts)
+
+    def _spool_chunk(self, spool: Spool, batch_id: str, req: ImportRequest, chunk: RowChunk,
+                     counts: list[int]) -> None:
+        n = self.partitions
+        parts = [([], [], [], [], []) for _ in range(n)]
+        attrs = chunk.attributes
+        for i, user in enumerate(chunk.user_ids):
+            cols = parts[(murmurhash2(user.encode("utf-8"), KAFKA_SEED) & 0x7FFFFFFF) % n]
+            cols[0].append(chunk.seqs[i])
+            cols[1].append(user)
+            cols[2].append(chunk.segment_ids[i])
+            cols[3].append(chunk.ops[i])
+            if attrs is not None:
+                cols[4].append(attrs[i])
+        step = req.message_rows
+        for partition, (seqs, users, segs, ops, attr) in enumerate(parts):
+            counts[partition] += len(seqs)
+            for start in range(0, len(seqs), step):
+                end = start + step
+                spool.add(partition, encode("AudienceRows", {
+                    "batch_id": batch_id, "mode": req.mode, "seqs": seqs[start:end],
+                    "user_ids": users[start:end], "segment_ids": segs[start:end],
+                    "ops": ops[start:end], "attributes": attr[start:end] if attr else None}))
+
+    def _dead_letters(self, batch_id: str, chunk: RowChunk) -> int:
+        for bad in chunk.rejects:
+            self.out.producer.send(DEAD_LETTER, 0, encode("DeadLetter", {
+                "batch_id": batch_id, "file": bad.file, "row": bad.row, "reason": bad.reason,
+                "raw": bad.raw[:RAW_LIMIT]}))
+        return len(chunk.rejects)
+
+    def _end_markers(self, batch_id: str, mode: str, counts: list[int], rows: int,
+                     segments: list[str]) -> None:
+        for partition, count in enumerate(counts):
+            self.out.producer.send(ROWS, partition, encode("EndMarker", {
+                "batch_id": batch_id, "partition": partition, "count": count, "total": rows,
+                "mode": mode, "segments": segments}))
+        self.out.flush()
+

@@ -1,0 +1,824 @@
+"""Streaming readers for the importer's input files: CSV, JSON Lines and Parquet.
+
+Every reader yields RowChunks in file order, holding at most `chunk_rows` records at a time.
+Whole-file problems raise InputFileError before the first chunk; a bad row becomes a
+RejectedRow and never stops the read, so the importer can dead-letter it and count it
+against the error budget.
+
+Speed: a chunk is first validated column-wise with C-level builtins (map, join, max,
+isprintable); only a chunk where that finds a doubt is re-checked row by row, and the
+row-by-row path is the one that says what is wrong.
+"""
+
+from __future__ import annotations
+
+import codecs
+import csv
+import gc
+import hashlib
+import io
+import json
+import json.scanner
+import os
+import stat
+import unicodedata
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from itertools import islice, repeat
+from operator import itemgetter
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from connectors.rows import MODES, OPS, InputFileError, RejectedRow, RowChunk
+
+MAX_ID_CHARS = 256
+RAW_CHARS = 500
+# Bounds one CSV field and one JSON line: far above any real row, yet low enough that an
+# unterminated quote cannot pull the rest of the file into memory.
+MAX_RECORD_BYTES = 16 * 1024 * 1024
+
+_BLOCK = 1024 * 1024
+_SNIFF_BYTES = 64 * 1024
+_FORMATS = ("csv", "jsonl", "parquet")
+_ALIASES = {
+    "csv": "csv",
+    "jsonl": "jsonl",
+    "ndjson": "jsonl",
+    "json": "jsonl",
+    "parquet": "parquet",
+    "pq": "parquet",
+}
+_SUFFIXES = {f".{name}": kind for name, kind in _ALIASES.items()}
+_OP_SET = frozenset(OPS)
+_RESERVED = ("user_id", "segment_id", "op")
+_ID_KEYS = ("user_id", "segment_id")
+# UTF-32 before UTF-16: the UTF-32-LE mark starts with the UTF-16-LE one.
+_FOREIGN_BOMS = (
+    (codecs.BOM_UTF32_LE, "UTF-32"),
+    (codecs.BOM_UTF32_BE, "UTF-32"),
+    (codecs.BOM_UTF16_LE, "UTF-16"),
+    (codecs.BOM_UTF16_BE, "UTF-16"),
+)
+_NEEDS_HEADER = "expected a first line naming the columns, with user_id among them"
+
+
+# ---------------------------------------------------------------------------- public API
+
+
+def detect_format(path: str, fmt: str | None = None) -> str:
+    """Return "csv", "jsonl" or "parquet": from `fmt` when given, else from the extension."""
+    if fmt is not None:
+        found = _ALIASES.get(fmt.strip().lower())
+        if found is None:
+            raise InputFileError(
+                f"{path}: unknown format {fmt!r}; expected one of: {', '.join(_FORMATS)}"
+            )
+        return found
+    suffix = os.path.splitext(path)[1].lower()
+    found = _SUFFIXES.get(suffix)
+    if found is None:
+        what = f"extension {suffix!r}" if suffix else "no extension"
+        raise InputFileError(
+            f"{path}: unknown format ({what}); expected .csv, .jsonl/.ndjson/.json or "
+            f".parquet/.pq, or an explicit format: {', '.join(_FORMATS)}"
+        )
+    return found
+
+
+def file_checksum(path: str) -> str:
+    """sha256 hex digest of the file, streamed in 1 MiB blocks."""
+    _check_file(path, allow_empty=True)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(_BLOCK):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_chunks(
+    path: str,
+    *,
+    segment: str | None,
+    mode: str,
+    fmt: str | None = None,
+    chunk_rows: int = 50_000,
+) -> Iterator[RowChunk]:
+    """Stream `path` as RowChunks in file order.
+
+    Whole-file problems raise InputFileError here, at call time, before any chunk exists.
+    A header-only file yields no chunks; chunks with neither rows nor rejects are never
+    yielded. Row numbers (`seqs`, `RejectedRow.row`) count data records from 1, skipping
+    blank lines and the header.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r} is not one of: {', '.join(MODES)}")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
+    rules = _Rules(path, _default_segment(segment), "remove" if mode == "remove" else "add")
+    kind = detect_format(path, fmt)
+    _check_file(path)
+    if kind == "parquet":
+        return _read_parquet(path, rules, chunk_rows)
+    _sniff_utf8(path)
+    if kind == "csv":
+        return _read_csv(path, rules, chunk_rows)
+    return _jsonl_chunks(path, rules, chunk_rows)
+
+
+# ------------------------------------------------------------------- whole-file checks
+
+
+@dataclass(frozen=True, slots=True)
+class _Rules:
+    file: str
+    segment: str | None  # the --segment default, validated; None when not given
+    default_op: str  # op of rows that do not name one
+
+
+@dataclass(frozen=True, slots=True)
+class _Layout:
+    """Where the known columns sit in a CSV record or Parquet batch."""
+
+    names: tuple[str, ...]
+    user_id: int
+    segment_id: int | None
+    op: int | None
+    attr_idx: tuple[int, ...]
+    attr_names: tuple[str, ...]
+
+
+def _default_segment(segment: str | None) -> str | None:
+    value = segment.strip() if segment else ""
+    if not value:
+        return None
+    problem = _id_problem("segment", value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def _check_file(path: str, *, allow_empty: bool = False) -> None:
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise InputFileError(f"{path}: no such file; expected a readable file") from None
+    except OSError as exc:
+        raise InputFileError(f"{path}: cannot be read ({exc.strerror})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise InputFileError(f"{path}: is a directory; expected a file")
+    if info.st_size == 0 and not allow_empty:
+        raise InputFileError(f"{path}: is empty (0 bytes); expected rows of user ids")
+
+
+def _not_utf8(path: str, detail: str) -> InputFileError:
+    return InputFileError(
+        f"{path}: is not UTF-8 text ({detail}); expected UTF-8, re-export the file as UTF-8"
+    )
+
+
+def _sniff_utf8(path: str) -> None:
+    """Refuse UTF-16/32 and binary files by their first line, before parsing anything."""
+    with open(path, "rb") as f:
+        head = f.read(_SNIFF_BYTES)
+    for bom, name in _FOREIGN_BOMS:
+        if head.startswith(bom):
+            raise _not_utf8(path, f"starts with a {name} byte-order mark")
+    first, newline, _ = head.partition(b"\n")
+    if b"\x00" in first:
+        raise _not_utf8(path, "NUL bytes in the first line")
+    try:
+        # Incremental: the sample may end inside a multi-byte character.
+        codecs.getincrementaldecoder("utf-8")().decode(first, final=bool(newline))
+    except UnicodeDecodeError as exc:
+        raise _not_utf8(path, f"undecodable byte at offset {exc.start}") from None
+
+
+def _column_name(raw: str) -> str:
+    name = raw.strip()
+    return name.lower() if name.lower() in _RESERVED else name
+
+
+def _layout(path: str, raw_names: Sequence[str], rules: _Rules) -> _Layout:
+    names = tuple(map(_column_name, raw_names))
+    if not _encodable(names) or "\x00" in "".join(names):
+        raise _not_utf8(path, "undecodable bytes or NUL in the header")
+    if "user_id" not in names:
+        shown = _preview(", ".join(names), 200)
+        raise InputFileError(f"{path}: no user_id column in the header ({shown}); {_NEEDS_HEADER}")
+    twice = sorted(name for name, count in Counter(names).items() if count > 1)
+    if twice:
+        raise InputFileError(
+            f"{path}: the header names column(s) {', '.join(map(repr, twice))} more than once; "
+            "expected each column once"
+        )
+    if "" in names:
+        raise InputFileError(
+            f"{path}: header column {names.index('') + 1} has no name; "
+            "expected every column to be named"
+        )
+    segment_at = names.index("segment_id") if "segment_id" in names else None
+    if segment_at is None and rules.segment is None:
+        raise InputFileError(
+            f"{path}: no segment: the file has no segment_id column and no segment was "
+            "given; expected a segment_id column or --segment"
+        )
+    attr_idx = tuple(i for i, name in enumerate(names) if name not in _RESERVED)
+    return _Layout(
+        names=names,
+        user_id=names.index("user_id"),
+        segment_id=segment_at,
+        op=names.index("op") if "op" in names else None,
+        attr_idx=attr_idx,
+        attr_names=tuple(names[i] for i in attr_idx),
+    )
+
+
+# ------------------------------------------------------------------------ row checks
+
+
+def _id_problem(column: str, value: str) -> str | None:
+    """Why a stripped, non-blank id is unusable, or None."""
+    if len(value) > MAX_ID_CHARS:
+        return f"{column} is {len(value)} characters long; at most {MAX_ID_CHARS} allowed"
+    if value.isprintable():  # the fast answer for nearly every id
+        return None
+    for ch in value:
+        if ch.isprintable():
+            continue
+        category = unicodedata.category(ch)
+        if category == "Cs":  # surrogateescape'd byte or a lone JSON surrogate
+            return f"{column} contains undecodable bytes (not valid UTF-8)"
+        if category in ("Cc", "Zl", "Zp"):
+            return f"{column} contains control character U+{ord(ch):04X}"
+    return None  # only e.g. non-ASCII spaces or format characters: legitimate text
+
+
+def _clean_row(
+    rules: _Rules, uid: str | None, seg: str | None, op: str | None
+) -> tuple[str, str, str] | str:
+    """The validated (user_id, segment_id, op), or the reason to reject the row."""
+    uid = uid.strip() if uid else ""
+    if not uid:
+        return "user_id is missing or blank"
+    problem = _id_problem("user_id", uid)
+    if problem:
+        return problem
+    seg = seg.strip() if seg else ""
+    if seg:
+        problem = _id_problem("segment_id", seg)
+        if problem:
+            return problem
+    elif rules.segment:
+        seg = rules.segment
+    else:
+        return "segment_id is blank and no default segment (--segment) was given"
+    op = op.strip().lower() if op else ""
+    if not op:
+        op = rules.default_op
+    elif op not in _OP_SET:
+        return f"op {_preview(op)} is not one of: {', '.join(OPS)}"
+    return uid, seg, op
+
+
+def _attr_problem(attrs: dict[str, str]) -> str | None:
+    """Attributes are free text, but must be encodable as UTF-8 downstream."""
+    for name, value in attrs.items():
+        if not _encodable((name, value)):
+            return f"attribute {_preview(name)} contains undecodable bytes (not valid UTF-8)"
+    return None
+
+
+def _encodable(texts: Sequence[str]) -> bool:
+    try:
+        "".join(texts).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _ids_clean(ids: list[str]) -> bool:
+    """Column-wide check at C speed; False only means "look row by row"."""
+    return all(ids) and max(map(len, ids)) <= MAX_ID_CHARS and "".join(ids).isprintable()
+
+
+def _preview(value: str, limit: int = 40) -> str:
+    return repr(value[:limit]) + ("..." if len(value) > limit else "")
+
+
+def _clip(raw: str) -> str:
+    """Bound the raw text and make it encodable (escaped bytes) for the dead-letter topic."""
+    raw = raw[:RAW_CHARS]
+    if _encodable((raw,)):
+        return raw
+    try:
+        data = raw.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that never was a byte
+        data = raw.encode("utf-8", "backslashreplace")
+    return data.decode("utf-8", "backslashreplace")
+
+
+class _Builder:
+    """Accumulates one chunk on the row-by-row path."""
+
+    __slots__ = ("chunk", "file")
+
+    def __init__(self, file: str, with_attrs: bool) -> None:
+        self.file = file
+        self.chunk = RowChunk(attributes=[] if with_attrs else None)
+
+    def add(self, row: int, clean: tuple[str, str, str], attrs: dict[str, str] | None) -> None:
+        chunk = self.chunk
+        chunk.seqs.append(row)
+        chunk.user_ids.append(clean[0])
+        chunk.segment_ids.append(clean[1])
+        chunk.ops.append(clean[2])
+        if chunk.attributes is not None:
+            chunk.attributes.append(attrs or {})
+
+    def reject(self, row: int, reason: str, raw: str) -> None:
+        self.chunk.rejects.append(RejectedRow(self.file, row, reason, _clip(raw)))
+
+
+def _bulk_chunk(
+    rules: _Rules,
+    first_row: int,
+    uids: Sequence[str],
+    segs: Sequence[str] | None,
+    ops: Sequence[str] | None,
+    attr_names: tuple[str, ...],
+    attr_cols: list[Sequence[str]],
+) -> RowChunk | None:
+    """Validate whole columns at once; None when any row needs the row-by-row path."""
+    user_ids = list(map(str.strip, uids))
+    if not _ids_clean(user_ids):
+        return None
+    count = len(user_ids)
+    if segs is None:
+        if rules.segment is None:
+            return None
+        segment_ids = [rules.segment] * count
+    else:
+        segment_ids = list(map(str.strip, segs))
+        if rules.segment and "" in segment_ids:
+            segment_ids = [s or rules.segment for s in segment_ids]
+        if not _ids_clean(segment_ids):
+            return None
+    if ops is None:
+        op_col = [rules.default_op] * count
+    else:
+        op_col = list(map(str.lower, map(str.strip, ops)))
+        if "" in op_col:
+            op_col = [o or rules.default_op for o in op_col]
+        if not _OP_SET.issuperset(op_col):
+            return None
+    attributes = None
+    if attr_names:
+        values = [list(map(str.strip, col)) for col in attr_cols]
+        if not all(map(_encodable, values)):
+            return None
+        # dict(zip(names, row)) per row, driven by map so the loop stays in C.
+        attributes = list(map(dict, map(zip, repeat(attr_names), zip(*values))))
+    return RowChunk(
+        seqs=list(range(first_row, first_row + count)),
+        user_ids=user_ids,
+        segment_ids=segment_ids,
+        ops=op_col,
+        attributes=attributes,
+    )
+
+
+def _yieldable(chunk: RowChunk) -> bool:
+    return bool(chunk.seqs or chunk.rejects)
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic GC while one batch is parsed (never across a yield).
+
+    A batch allocates ~100k short-lived, acyclic containers (records, column tuples); the
+    collector would traverse them again and again as they age, which costs about as much
+    as parsing. Nothing in a batch forms a cycle, so pausing frees nothing late.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+# ----------------------------------------------------------------------------------- CSV
+
+
+class _Malformed(list[str]):
+    """Stands in for a record the csv module refused; its length never matches a header."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        super().__init__()
+        self.reason = reason
+
+
+def _open_csv(path: str) -> io.TextIOWrapper:
+    # utf-8-sig drops a BOM; surrogateescape turns bad bytes into non-printable surrogates
+    # that the row checks reject; newline="" lets csv handle CRLF and quoted newlines.
+    return open(path, encoding="utf-8-sig", errors="surrogateescape", newline="")
+
+
+def _take(reader: Iterator[list[str]], count: int) -> list[list[str]]:
+    """Up to `count` records; a record csv refuses becomes a _Malformed and reading goes on."""
+    batch: list[list[str]] = []
+    while len(batch) < count:
+        try:
+            batch.extend(islice(reader, count - len(batch)))  # keeps what it read on error
+            break
+        except csv.Error as exc:
+            batch.append(_Malformed(str(exc)))
+    return batch
+
+
+def _is_blank(record: list[str]) -> bool:
+    return not record or (len(record) == 1 and not record[0].strip())
+
+
+def _csv_header(path: str, reader: Iterator[list[str]]) -> list[str]:
+    while True:
+        batch = _take(reader, 1)
+        if not batch:
+            raise InputFileError(f"{path}: no header row; {_NEEDS_HEADER}")
+        record = batch[0]
+        if isinstance(record, _Malformed):
+            raise InputFileError(f"{path}: unreadable header row ({record.reason}); {_NEEDS_HEADER}")
+        if not _is_blank(record):
+            return record
+
+
+def _csv_layout(path: str, rules: _Rules) -> _Layout:
+    with _open_csv(path) as f:
+        return _layout(path, _csv_header(path, csv.reader(f)), rules)
+
+
+def _read_csv(path: str, rules: _Rules, chunk_rows: int) -> Iterator[RowChunk]:
+    if csv.field_size_limit() < MAX_RECORD_BYTES:  # process-wide; only ever raised
+        csv.field_size_limit(MAX_RECORD_BYTES)
+    return _csv_chunks(path, rules, _csv_layout(path, rules), chunk_rows)
+
+
+def _csv_chunks(path: str, rules: _Rules, layout: _Layout, chunk_rows: int) -> Iterator[RowChunk]:
+    with _open_csv(path) as f:
+        reader = csv.reader(f)
+        if _layout(path, _csv_header(path, reader), rules) != layout:
+            raise InputFileError(f"{path}: the header changed while the file was being read")
+        row = 0
+        while True:
+            with _gc_paused():
+                batch = _take(reader, chunk_rows)
+                if not batch:
+                    return
+                chunk = _csv_fast(batch, layout, rules, row + 1)
+                if chunk is None:
+                    chunk, row = _csv_slow(batch, layout, rules, row)
+                else:
+                    row += len(batch)
+                del batch
+            if _yieldable(chunk):
+                yield chunk
+
+
+def _csv_fast(
+    batch: list[list[str]], layout: _Layout, rules: _Rules, first_row: int
+) -> RowChunk | None:
+    # Every record of the right width means no blank lines and no malformed records.
+    if set(map(len, batch)) != {len(layout.names)}:
+        return None
+    cols = list(zip(*batch))
+    return _bulk_chunk(
+        rules,
+        first_row,
+        cols[layout.user_id],
+        None if layout.segment_id is None else cols[layout.segment_id],
+        None if layout.op is None else cols[layout.op],
+        layout.attr_names,
+        [cols[i] for i in layout.attr_idx],
+    )
+
+
+def _csv_slow(
+    batch: list[list[str]], layout: _Layout, rules: _Rules, row: int
+) -> tuple[RowChunk, int]:
+    out = _Builder(rules.file, bool(layout.attr_names))
+    width = len(layout.names)
+    seg_at, op_at = layout.segment_id, layout.op
+    for record in batch:
+        if isinstance(record, _Malformed):
+            row += 1
+            out.reject(row, f"malformed CSV record: {record.reason}", "")
+            continue
+        if _is_blank(record):
+            continue
+        row += 1
+        if len(record) != width:
+            out.reject(row, f"expected {width} fields, got {len(record)}", _csv_raw(record))
+            continue
+        clean = _clean_row(
+            rules,
+            record[layout.user_id],
+            None if seg_at is None else record[seg_at],
+            None if op_at is None else record[op_at],
+        )
+        if isinstance(clean, str):
+            out.reject(row, clean, _csv_raw(record))
+            continue
+        attrs = None
+        if layout.attr_names:
+            attrs = {n: record[i].strip() for n, i in zip(layout.attr_names, layout.attr_idx)}
+            problem = _attr_problem(attrs)
+            if problem:
+                out.reject(row, problem, _csv_raw(record))
+                continue
+        out.add(row, clean, attrs)
+    return out.chunk, row
+
+
+def _csv_raw(record: list[str]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="").writerow([field[:RAW_CHARS] for field in record])
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------- JSON Lines
+
+
+def _lines(path: str) -> Iterator[bytes | None]:
+    """The file's lines as bytes; None stands for a line over MAX_RECORD_BYTES (not kept)."""
+    limit = MAX_RECORD_BYTES
+    with open(path, "rb") as f:
+        readline = f.readline
+        first = True
+        while line := readline(limit):
+            if first and line.startswith(codecs.BOM_UTF8):
+                line = line[len(codecs.BOM_UTF8) :]
+            first = False
+            if len(line) == limit and not line.endswith(b"\n"):
+                while (rest := readline(limit)) and not rest.endswith(b"\n"):
+                    pass
+                yield None
+            else:
+                yield line
+
+
+def _jsonl_chunks(path: str, rules: _Rules, chunk_rows: int) -> Iterator[RowChunk]:
+    lines = _lines(path)
+    row = 0
+    while True:
+        with _gc_paused():
+            batch = list(islice(lines, chunk_rows))
+            if not batch:
+                return
+            chunk = _jsonl_fast(batch, rules, row + 1)
+            if chunk is None:
+                chunk, row = _jsonl_batch(batch, rules, row)
+            else:
+                row += len(batch)
+            del batch
+        if _yieldable(chunk):
+            yield chunk
+
+
+# The C scanner behind json.loads, without its per-call Python wrappers: scan(text, 0)
+# returns (value, end) or raises StopIteration when no JSON value starts at 0.
+_scan_json = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[attr-defined]
+
+
+def _jsonl_fast(batch: list[bytes | None], rules: _Rules, first_row: int) -> RowChunk | None:
+    """Columnar path for a batch of same-shaped objects with string values; else None."""
+    if None in batch:
+        return None
+    lines = list(map(bytes.strip, batch))  # type: ignore[arg-type]
+    if not all(lines):  # blank lines shift row numbers: leave them to the row path
+        return None
+    try:
+        texts = list(map(bytes.decode, lines))
+        # A StopIteration inside map ends the list early; the length check below sees it.
+        parsed = list(map(_scan_json, texts, repeat(0)))
+    except (ValueError, RecursionError):
+        return None
+    if len(parsed) != len(texts) or list(map(itemgetter(1), parsed)) != list(map(len, texts)):
+        return None  # a line failed to parse, or has text after its value
+    objs = list(map(itemgetter(0), parsed))
+    if set(map(type, objs)) != {dict} or "user_id" not in objs[0]:
+        return None
+    keys = tuple(objs[0])
+    # Same length and every key of the first object present => the same keys everywhere.
+    if set(map(len, objs)) != {len(keys)}:
+        return None
+    try:
+        cols = {key: list(map(itemgetter(key), objs)) for key in keys}
+    except KeyError:
+        return None
+    if not all(set(map(type, cols[key])) <= ({str, int} if key in _ID_KEYS else {str}) for key in keys):
+        return None  # nulls, nested values, floats: the row path converts or rejects them
+    for key in _ID_KEYS:
+        if key in cols and int in set(map(type, cols[key])):
+            cols[key] = list(map(str, cols[key]))
+    attr_names = tuple(key for key in keys if key not in _RESERVED)
+    return _bulk_chunk(
+        rules,
+        first_row,
+        cols["user_id"],
+        cols.get("segment_id"),
+        cols.get("op"),
+        attr_names,
+        [cols[name] for name in attr_names],
+    )
+
+
+def _jsonl_batch(batch: list[bytes | None], rules: _Rules, row: int) -> tuple[RowChunk, int]:
+    out = _Builder(rules.file, with_attrs=True)
+    loads, reject = json.loads, out.reject
+    for line in batch:
+        if line is None:
+            row += 1
+            reject(row, f"line is longer than {MAX_RECORD_BYTES} bytes", "")
+            continue
+        line = line.strip()
+        if not line:
+            continue
+        row += 1
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raw = line.decode("utf-8", "backslashreplace")
+            reject(row, f"line is not valid UTF-8 (undecodable byte at {exc.start})", raw)
+            continue
+        try:
+            obj = loads(text)
+        except ValueError as exc:
+            reject(row, f"line is not valid JSON: {_json_error(exc)}", text)
+            continue
+        except RecursionError:
+            reject(row, "line is not valid JSON: nested too deeply", text)
+            continue
+        clean, attrs = _json_row(obj, rules)
+        if isinstance(clean, str):
+            reject(row, clean, text)
+        else:
+            out.add(row, clean, attrs)
+    chunk = out.chunk
+    if not any(chunk.attributes or ()):  # no row of this chunk had extra keys
+        chunk.attributes = None
+    return chunk, row
+
+
+def _json_error(exc: ValueError) -> str:
+    if isinstance(exc, json.JSONDecodeError):
+        return f"{exc.msg} at column {exc.colno}"
+    return str(exc)
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}
+    return names.get(type(value), "number")
+
+
+def _json_id(obj: dict[str, Any], key: str) -> str | None:
+    """The id as text; raises TypeError with the reason when it is not a string/integer."""
+    value = obj.get(key)
+    if value is None or type(value) is str:
+        return value
+    if type(value) is int:  # not bool: type() is exact
+        return str(value)
+    raise TypeError(f"{key} is a JSON {_json_type(value)}, expected a string or an integer")
+
+
+def _json_text(value: Any) -> str:
+    return value.strip() if type(value) is str else json.dumps(value, ensure_ascii=False)
+
+
+def _json_row(
+    obj: Any, rules: _Rules
+) -> tuple[tuple[str, str, str] | str, dict[str, str] | None]:
+    """(clean fields or reject reason, attributes) for one decoded line."""
+    if type(obj) is not dict:
+        return f"line is a JSON {_json_type(obj)}, expected an object", None
+    op = obj.get("op")
+    if op is not None and type(op) is not str:
+        return f"op is a JSON {_json_type(op)}, expected a string", None
+    try:
+        clean = _clean_row(rules, _json_id(obj, "user_id"), _json_id(obj, "segment_id"), op)
+    except TypeError as exc:
+        return str(exc), None
+    if isinstance(clean, str) or len(obj) <= 3 and all(key in _RESERVED for key in obj):
+        return clean, None
+    # Extra keys are attributes; null means absent. Non-strings keep their JSON spelling.
+    attrs = {k: _json_text(v) for k, v in obj.items() if k not in _RESERVED and v is not None}
+    problem = _attr_problem(attrs)
+    return (problem, None) if problem else (clean, attrs)
+
+
+# ------------------------------------------------------------------------------- Parquet
+
+
+def _open_parquet(path: str) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise InputFileError(
+            f"{path}: cannot be read as Parquet ({exc}); expected a Parquet file"
+        ) from None
+
+
+def _read_parquet(path: str, rules: _Rules, chunk_rows: int) -> Iterator[RowChunk]:
+    with _open_parquet(path) as pf:
+        layout = _layout(path, pf.schema_arrow.names, rules)
+    return _parquet_chunks(path, rules, layout, chunk_rows)
+
+
+def _parquet_chunks(
+    path: str, rules: _Rules, layout: _Layout, chunk_rows: int
+) -> Iterator[RowChunk]:
+    with _open_parquet(path) as pf:
+        if _layout(path, pf.schema_arrow.names, rules) != layout:
+            raise InputFileError(f"{path}: the schema changed while the file was being read")
+        batches = pf.iter_batches(batch_size=chunk_rows)
+        row = 0
+        while True:
+            try:
+                batch = next(batches, None)
+            except pa.ArrowException as exc:
+                # Only found mid-stream: a corrupt page deep in an otherwise valid file.
+                raise InputFileError(f"{path}: corrupt Parquet data after row {row} ({exc})")
+            if batch is None:
+                return
+            chunk = _parquet_batch(batch, layout, rules, row)
+            row += batch.num_rows
+            if _yieldable(chunk):
+                yield chunk
+
+
+def _arrow_strings(arr: pa.Array) -> list[str | None]:
+    """A column as Python text: strings as-is, scalars cast by Arrow, the rest as JSON."""
+    if pa.types.is_dictionary(arr.type):
+        arr = arr.dictionary_decode()
+    kind = arr.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return arr.to_pylist()
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        # Bad bytes become surrogates, which the row checks reject as undecodable.
+        return [None if v is None else v.decode("utf-8", "surrogateescape") for v in arr.to_pylist()]
+    try:
+        return arr.cast(pa.string()).to_pylist()
+    except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
+        dumps = json.dumps
+        return [None if v is None else dumps(v, ensure_ascii=False, default=str) for v in arr.to_pylist()]
+
+
+def _parquet_batch(batch: pa.RecordBatch, layout: _Layout, rules: _Rules, row: int) -> RowChunk:
+    cols = [_arrow_strings(col) for col in batch.columns]
+    if not any(col.null_count for col in batch.columns):
+        chunk = _bulk_chunk(
+            rules,
+            row + 1,
+            cols[layout.user_id],  # type: ignore[arg-type]  # no nulls: all str
+            None if layout.segment_id is None else cols[layout.segment_id],  # type: ignore[arg-type]
+            None if layout.op is None else cols[layout.op],  # type: ignore[arg-type]
+            layout.attr_names,
+            [cols[i] for i in layout.attr_idx],  # type: ignore[misc]
+        )
+        if chunk is not None:
+            return chunk
+    return _parquet_slow(cols, layout, rules, row)
+
+
+def _parquet_slow(
+    cols: list[list[str | None]], layout: _Layout, rules: _Rules, row: int
+) -> RowChunk:
+    out = _Builder(rules.file, bool(layout.attr_names))
+    seg_at, op_at = layout.segment_id, layout.op
+    for row_no, record in enumerate(zip(*cols), start=row + 1):
+        clean = _clean_row(
+            rules,
+            record[layout.user_id],
+            None if seg_at is None else record[seg_at],
+            None if op_at is None else record[op_at],
+        )
+        attrs = None
+        if not isinstance(clean, str) and layout.attr_names:
+            attrs = {
+                name: value.strip()
+                for name, value in zip(layout.attr_names, (record[i] for i in layout.attr_idx))
+                if value is not None  # null means absent, as in JSON Lines
+            }
+            clean = _attr_problem(attrs) or clean
+        if isinstance(clean, str):
+            raw = json.dumps(dict(zip(layout.names, record)), ensure_ascii=False)
+            out.reject(row_no, clean, raw)
+        else:
+            out.add(row_no, clean, attrs)
+    return out.chunk

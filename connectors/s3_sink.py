@@ -1,0 +1,64 @@
+"""S3 sink: membership changes as objects under deterministic keys, and manifests.
+
+    <prefix>/batch=<id>/partition=<p>/part-<first source position, 20 digits>.<ext>
+    <prefix>/batch=<id>/partition=<p>/_manifest.json   that partition's objects (on its close)
+    <prefix>/batch=<id>/manifest.json                  COPY manifest, once all partitions closed
+
+Same chunk, same key, same bytes: a rewrite after a crash or a replay is a no-op in effect.
+The store is an ObjectStore: a local directory by default, S3 itself in a later backend.
+"""
+
+from __future__ import annotations
+
+import json
+
+from connectors.change_set import ChangeSet
+from connectors.object_formats import ManifestEntry, encode_changes, encode_manifest, extension
+from connectors.object_store import ObjectStore
+
+
+class S3Sink:
+    name = "s3"
+
+    def __init__(self, store: ObjectStore, fmt: str = "parquet",
+                 prefix: str = "audience/segment-changes"):
+        self.store = store
+        self.fmt = fmt
+        self.prefix = prefix
+        self._written: dict[tuple[str, int], list[ManifestEntry]] = {}
+
+    def batch_prefix(self, batch_id: str) -> str:
+        return f"{self.prefix}/batch={batch_id}"
+
+    def _partition_prefix(self, batch_id: str, partition: int) -> str:
+        return f"{self.batch_prefix(batch_id)}/partition={partition}"
+
+    def write_chunk(self, changes: ChangeSet) -> None:
+        key = (f"{self._partition_prefix(changes.batch_id, changes.partition)}/"
+               f"part-{changes.first_position:020d}{extension(self.fmt)}")
+        data = encode_changes(changes, self.fmt)
+        self.store.put(key, data)
+        entries = self._written.setdefault((changes.batch_id, changes.partition), [])
+        entries.append(ManifestEntry(self.store.url(key), len(data), len(changes)))
+
+    def close_partition(self, batch_id: str, partition: int, partitions: int) -> str:
+        entries = self._written.pop((batch_id, partition), [])
+        self.store.put(f"{self._partition_prefix(batch_id, partition)}/_manifest.json",
+                       encode_manifest(entries, batch_id=batch_id, fmt=self.fmt))
+        self._write_batch_manifest(batch_id, partitions)
+        return self.store.url(f"{self.batch_prefix(batch_id)}/manifest.json")
+
+    def _write_batch_manifest(self, batch_id: str, partitions: int) -> None:
+        """Once every partition has closed (whichever worker closes the last one)."""
+        parts = [f"{self._partition_prefix(batch_id, p)}/_manifest.json"
+                 for p in range(partitions)]
+        if not all(self.store.exists(key) for key in parts):
+            return
+        entries = []
+        for key in parts:
+            for e in json.loads(self.store.get(key))["entries"]:
+                meta = e["meta"]
+                entries.append(ManifestEntry(e["url"], meta["content_length"],
+                                             meta["record_count"]))
+        self.store.put(f"{self.batch_prefix(batch_id)}/manifest.json",
+                       encode_manifest(entries, batch_id=batch_id, fmt=self.fmt))

@@ -1,0 +1,48 @@
+"""A local spool of encoded messages: the importer validates the whole file into it before
+publishing anything, so a file that fails its error budget leaves no rows on the topic."""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+_HEAD = struct.Struct("<HI")
+
+
+class Spool:
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._out = open(path, "wb")  # noqa: SIM115 - closed by finish()/discard()
+        self.messages = 0
+
+    def add(self, partition: int, value: bytes) -> None:
+        self._out.write(_HEAD.pack(partition, len(value)))
+        self._out.write(value)
+        self.messages += 1
+
+    def finish(self) -> None:
+        self._out.close()
+
+    def __iter__(self) -> Iterator[tuple[int, bytes]]:
+        with open(self.path, "rb") as f:
+            while head := f.read(_HEAD.size):
+                partition, size = _HEAD.unpack(head)
+                yield partition, f.read(size)
+
+    def discard(self) -> None:
+        if not self._out.closed:
+            self._out.close()
+        self.path.unlink(missing_ok=True)
+
+    def __enter__(self) -> Spool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
+
+
+def spool_path(folder: Path, batch_id: str) -> Path:
+    return folder / f"{batch_id}.{os.getpid()}.spool"

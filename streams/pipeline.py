@@ -1,0 +1,98 @@
+"""The composition root: wires the log, the processors and the connectors together.
+
+This is the one place in `streams/` that imports `processors/` and `connectors/`; the
+runtime modules beside it know only the interfaces in `streams.api` and `topics.log`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from connectors.change_sink import ChangeSink
+from connectors.error_budget import ErrorBudget
+from connectors.importer import Importer, ImportRequest
+from connectors.object_store import LocalObjectStore
+from connectors.s3_sink import S3Sink
+from connectors.status_sink import StatusTableSink
+from connectors.warehouse import DuckDBWarehouse
+from connectors.warehouse_sink import WarehouseSink
+from processors.pipeline_state import BatchStatus, PipelineState
+from processors.segments import AudienceSegments
+from streams.outputs import OutputWriter
+from streams.processor_task import ProcessorTask
+from streams.settings import Settings
+from streams.sink_task import SinkTask
+from streams.state.table_reader import read_table
+from streams.worker import Task, Worker
+from topics.backends import open_log
+from topics.log import Log
+from topics.spec import CHANGES, SPECS
+
+ROLES = ("segments", "pipeline", "s3", "warehouse")
+SINKS = ("s3", "warehouse")
+
+
+def group_of(role: str) -> str:
+    return {"segments": "processor-segments", "pipeline": "processor-pipeline",
+            "s3": "sink-s3", "warehouse": "sink-warehouse",
+            "warehouse-status": "sink-warehouse-status"}[role]
+
+
+class Pipeline:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.log: Log = open_log(settings.log_url, fsync=settings.fsync)
+        self.log.ensure_topics(list(SPECS.values()))
+        self._warehouse: DuckDBWarehouse | None = None
+
+    @property
+    def warehouse(self) -> DuckDBWarehouse:
+        if self._warehouse is None:
+            self.settings.warehouse_path.parent.mkdir(parents=True, exist_ok=True)
+            self._warehouse = DuckDBWarehouse(self.settings.warehouse_path)
+        return self._warehouse
+
+    def import_request(self, path: str, **options: Any) -> ImportRequest:
+        return ImportRequest(
+            path=path, max_rejects=ErrorBudget.parse(options.pop("max_rejects", None)
+                                                     or self.settings.max_rejects),
+            message_rows=self.settings.message_rows, sinks=SINKS, **options)
+
+    def importer(self, progress: Any = None) -> Importer:
+        return Importer(self.log, self.settings.spool_dir, progress)
+
+    def worker(self, roles: tuple[str, ...] = ROLES, member: str = "") -> Worker:
+        member = member or f"{socket.gethostname()}-{os.getpid()}"
+        out = OutputWriter(self.log, self.log.producer())
+        s = self.settings
+        partitions = len(self.log.partitions(CHANGES))
+        tasks: list[Task] = []
+        for role in roles:
+            if role == "segments":
+                tasks.append(ProcessorTask(self.log, AudienceSegments(), out, group_of(role),
+                                           member, s.checkpoint_interval_s))
+            elif role == "pipeline":
+                tasks.append(ProcessorTask(self.log, PipelineState(), out, group_of(role),
+                                           member, s.checkpoint_interval_s))
+            elif role == "s3":
+                writer = S3Sink(LocalObjectStore(s.object_root), s.s3_format, s.s3_prefix)
+                tasks.append(SinkTask(self.log, ChangeSink(writer, partitions, s.chunk_rows),
+                                      out, group_of(role), member))
+            elif role == "warehouse":
+                sink = ChangeSink(WarehouseSink(self.warehouse), partitions, s.chunk_rows)
+                tasks.append(SinkTask(self.log, sink, out, group_of(role), member))
+                tasks.append(SinkTask(self.log, StatusTableSink(self.warehouse), out,
+                                      group_of("warehouse-status"), member))
+            else:
+                raise ValueError(f"unknown role {role!r}; expected some of {', '.join(ROLES)}")
+        return Worker(tasks)
+
+    def batches(self) -> dict[str, BatchStatus]:
+        return read_table(self.log, PipelineState(), "batches")
+
+    def close(self) -> None:
+        if self._warehouse is not None:
+            self._warehouse.close()
+        self.log.close()

@@ -1,0 +1,81 @@
+"""Settings: one name each, given as a flag (--data-dir), an environment variable
+(STREAMS_DATA_DIR) or a key in a TOML config file (data_dir), in that order of precedence.
+The CLI reads flags and variables through click; this module holds the defaults, the
+config-file loading and the derived paths."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "STREAMS"
+CONFIG_ENV = "STREAMS_CONFIG"
+DEFAULT_CONFIG = "streams.toml"
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = Path(".streams")
+    backend: str = "embedded"  # embedded | kafka
+    bootstrap: str = ""  # kafka: host:port[,host:port]
+    s3_format: str = "parquet"  # avro | jsonl | parquet
+    s3_root: Path | None = None  # local object store root; default <data_dir>/s3
+    s3_prefix: str = "audience/segment-changes"
+    warehouse: Path | None = None  # DuckDB file; default <data_dir>/warehouse.duckdb
+    max_rejects: str = "1%"
+    message_rows: int = 5000
+    chunk_rows: int = 100_000
+    fsync: bool = False
+    checkpoint_interval_s: float = 1.0
+
+    @property
+    def log_url(self) -> str:
+        if self.backend == "embedded":
+            return f"embedded://{self.data_dir.resolve() / 'log'}"
+        if self.backend == "kafka":
+            return f"kafka://{self.bootstrap}"
+        raise ValueError(f"--backend {self.backend!r}: expected embedded or kafka")
+
+    @property
+    def object_root(self) -> Path:
+        return self.s3_root or self.data_dir / "s3"
+
+    @property
+    def warehouse_path(self) -> Path:
+        return self.warehouse or self.data_dir / "warehouse.duckdb"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @classmethod
+    def build(cls, values: dict[str, Any]) -> Settings:
+        known = {f.name: f for f in fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for name, value in values.items():
+            if value is None or name not in known:
+                continue
+            kind = known[name].type
+            if "Path" in str(kind):
+                value = Path(value)
+            kwargs[name] = value
+        return cls(**kwargs)
+
+
+def load_config_file(path: str | None) -> dict[str, Any]:
+    """Keys of the `[streams]` table (or the top level), with '-' read as '_'."""
+    explicit = path or os.environ.get(CONFIG_ENV)
+    candidate = Path(explicit) if explicit else Path(DEFAULT_CONFIG)
+    if not candidate.exists():
+        if explicit:
+            raise FileNotFoundError(f"config file {candidate} does not exist")
+        return {}
+    try:
+        raw = tomllib.loads(candidate.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"config file {candidate}: not valid TOML ({exc})") from None
+    table = raw.get("streams", raw)
+    return {key.replace("-", "_"): value for key, value in table.items()}
