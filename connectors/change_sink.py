@@ -16,6 +16,7 @@ from typing import Protocol
 from connectors.change_set import ChangeSet
 from processors.events import batch_event
 from streams.api import Input, Output
+from streams.faults import crash_point
 from topics.spec import CHANGES
 
 KIND_ORDER = {"SegmentChanges": 0, "EndMarker": 1}  # outputs of one input, in emission order
@@ -82,6 +83,7 @@ class ChangeSink:
         if buf.user_ids:
             self.writer.write_chunk(ChangeSet(key[0], key[1], buf.first_position, buf.user_ids,
                                               buf.segment_ids, buf.ops, buf.seqs))
+            crash_point(f"sink-{self.name}.after_chunk")
             buf.user_ids, buf.segment_ids, buf.ops, buf.seqs = [], [], [], []
 
     def _end_marker(self, key: tuple[str, int], buf: _Open, record: Input) -> list[Output]:
@@ -96,5 +98,6 @@ class ChangeSink:
                                 step=f"sink:{self.name}", error=error)]
         self._flush(key, buf)
         location = self.writer.close_partition(batch_id, partition, self.partitions)
+        crash_point(f"sink-{self.name}.after_close")
         return [batch_event(batch_id, "sink_committed", record.timestamp_ms, partition=partition,
                             sink=self.name, changes=expected, location=location)]

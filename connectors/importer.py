@@ -26,6 +26,7 @@ from connectors.rows import MODES, InputFileError, RowChunk
 from connectors.spool import Spool, spool_path
 from processors.events import batch_event
 from processors.pipeline_state import PUBLISHED, SUBMITTED, BatchStatus, PipelineState
+from streams.faults import crash_point
 from streams.outputs import OutputWriter
 from streams.state.table_reader import read_table
 from topics.codec import encode
@@ -37,6 +38,7 @@ from murmurhash2 import murmurhash2  # isort: skip
 
 BATCH_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 RAW_LIMIT = 500
+PUBLISH_FLUSH_EVERY = 16
 
 
 class ImportRefused(Exception):
@@ -144,12 +146,16 @@ class Importer:
                 self.out.flush()
                 return ImportResult(batch_id, checksum, "failed", rows, rejected, counts, error)
             producer = self.out.producer
-            for partition, value in spool:
+            for i, (partition, value) in enumerate(spool, start=1):
                 producer.send(ROWS, partition, value)
+                if i % PUBLISH_FLUSH_EVERY == 0:  # bounded memory in the producer
+                    producer.flush()
+                    crash_point("import.publishing")
             producer.flush()
         self.out.send(batch_event(batch_id, "published", now_ms(), rows=rows, rejected=rejected,
                                   partition_counts=counts, segments=sorted(segments)))
         self.out.flush()
+        crash_point("import.before_end_markers")
         self._end_markers(batch_id, req.mode, counts, rows, sorted(segments))
         return ImportResult(batch_id, checksum, "published", rows, rejected, counts)
 
@@ -189,5 +195,6 @@ class Importer:
             self.out.producer.send(ROWS, partition, encode("EndMarker", {
                 "batch_id": batch_id, "partition": partition, "count": count, "total": rows,
                 "mode": mode, "segments": segments}))
-        self.out.flush()
+            self.out.flush()  # one by one, so that a crash can fall between end markers
+            crash_point("import.end_marker")
 

@@ -26,9 +26,10 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import islice, repeat
+from functools import partial
+from itertools import chain, islice, repeat
 from operator import itemgetter
-from typing import Any
+from typing import Any, cast
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -381,7 +382,7 @@ def _bulk_chunk(
         if not all(map(_encodable, values)):
             return None
         # dict(zip(names, row)) per row, driven by map so the loop stays in C.
-        attributes = list(map(dict, map(zip, repeat(attr_names), zip(*values))))
+        attributes = list(map(dict, map(zip, repeat(attr_names), zip(*values, strict=True))))
     return RowChunk(
         seqs=list(range(first_row, first_row + count)),
         user_ids=user_ids,
@@ -401,7 +402,8 @@ def _gc_paused() -> Iterator[None]:
 
     A batch allocates ~100k short-lived, acyclic containers (records, column tuples); the
     collector would traverse them again and again as they age, which costs about as much
-    as parsing. Nothing in a batch forms a cycle, so pausing frees nothing late.
+    as parsing. Nothing in a batch forms a cycle, so pausing frees nothing late. The pause
+    is process-wide but lasts one batch (tens of milliseconds).
     """
     was_enabled = gc.isenabled()
     gc.disable()
@@ -454,7 +456,9 @@ def _csv_header(path: str, reader: Iterator[list[str]]) -> list[str]:
             raise InputFileError(f"{path}: no header row; {_NEEDS_HEADER}")
         record = batch[0]
         if isinstance(record, _Malformed):
-            raise InputFileError(f"{path}: unreadable header row ({record.reason}); {_NEEDS_HEADER}")
+            raise InputFileError(
+                f"{path}: unreadable header row ({record.reason}); {_NEEDS_HEADER}"
+            )
         if not _is_blank(record):
             return record
 
@@ -497,7 +501,7 @@ def _csv_fast(
     # Every record of the right width means no blank lines and no malformed records.
     if set(map(len, batch)) != {len(layout.names)}:
         return None
-    cols = list(zip(*batch))
+    cols = list(zip(*batch, strict=True))
     return _bulk_chunk(
         rules,
         first_row,
@@ -537,7 +541,10 @@ def _csv_slow(
             continue
         attrs = None
         if layout.attr_names:
-            attrs = {n: record[i].strip() for n, i in zip(layout.attr_names, layout.attr_idx)}
+            attrs = {
+                n: record[i].strip()
+                for n, i in zip(layout.attr_names, layout.attr_idx, strict=True)
+            }
             problem = _attr_problem(attrs)
             if problem:
                 out.reject(row, problem, _csv_raw(record))
@@ -555,40 +562,47 @@ def _csv_raw(record: list[str]) -> str:
 # ---------------------------------------------------------------------------- JSON Lines
 
 
-def _lines(path: str) -> Iterator[bytes | None]:
-    """The file's lines as bytes; None stands for a line over MAX_RECORD_BYTES (not kept)."""
-    limit = MAX_RECORD_BYTES
-    with open(path, "rb") as f:
-        readline = f.readline
-        first = True
-        while line := readline(limit):
-            if first and line.startswith(codecs.BOM_UTF8):
-                line = line[len(codecs.BOM_UTF8) :]
-            first = False
-            if len(line) == limit and not line.endswith(b"\n"):
-                while (rest := readline(limit)) and not rest.endswith(b"\n"):
-                    pass
-                yield None
-            else:
-                yield line
+def _take_lines(pieces: Iterator[bytes], count: int, limit: int) -> list[bytes | None]:
+    """Up to `count` lines; None stands for a line over `limit` bytes, drained unkept."""
+    batch = list(islice(pieces, count))
+    if not batch or max(map(len, batch)) < limit:
+        return list(batch)
+    out: list[bytes | None] = []
+    rest = iter(batch)
+    for piece in rest:
+        if len(piece) < limit or piece.endswith(b"\n"):
+            out.append(piece)
+            continue
+        out.append(None)
+        # The tail of the long line: from this batch first, then straight from the file.
+        for tail in chain(rest, pieces):
+            if tail.endswith(b"\n"):
+                break
+    return out
 
 
 def _jsonl_chunks(path: str, rules: _Rules, chunk_rows: int) -> Iterator[RowChunk]:
-    lines = _lines(path)
-    row = 0
-    while True:
-        with _gc_paused():
-            batch = list(islice(lines, chunk_rows))
-            if not batch:
-                return
-            chunk = _jsonl_fast(batch, rules, row + 1)
-            if chunk is None:
-                chunk, row = _jsonl_batch(batch, rules, row)
-            else:
-                row += len(batch)
-            del batch
-        if _yieldable(chunk):
-            yield chunk
+    limit = MAX_RECORD_BYTES
+    with open(path, "rb") as f:
+        # readline(limit) bounds memory per line; the callable iterator keeps the loop in C.
+        pieces = iter(partial(f.readline, limit), b"")
+        row, first = 0, True
+        while True:
+            with _gc_paused():
+                batch = _take_lines(pieces, chunk_rows, limit)
+                if not batch:
+                    return
+                if first and batch[0] and batch[0].startswith(codecs.BOM_UTF8):
+                    batch[0] = batch[0][len(codecs.BOM_UTF8) :]
+                first = False
+                chunk = _jsonl_fast(batch, rules, row + 1)
+                if chunk is None:
+                    chunk, row = _jsonl_batch(batch, rules, row)
+                else:
+                    row += len(batch)
+                del batch
+            if _yieldable(chunk):
+                yield chunk
 
 
 # The C scanner behind json.loads, without its per-call Python wrappers: scan(text, 0)
@@ -600,7 +614,7 @@ def _jsonl_fast(batch: list[bytes | None], rules: _Rules, first_row: int) -> Row
     """Columnar path for a batch of same-shaped objects with string values; else None."""
     if None in batch:
         return None
-    lines = list(map(bytes.strip, batch))  # type: ignore[arg-type]
+    lines = list(map(bytes.strip, cast(list[bytes], batch)))
     if not all(lines):  # blank lines shift row numbers: leave them to the row path
         return None
     try:
@@ -622,8 +636,10 @@ def _jsonl_fast(batch: list[bytes | None], rules: _Rules, first_row: int) -> Row
         cols = {key: list(map(itemgetter(key), objs)) for key in keys}
     except KeyError:
         return None
-    if not all(set(map(type, cols[key])) <= ({str, int} if key in _ID_KEYS else {str}) for key in keys):
-        return None  # nulls, nested values, floats: the row path converts or rejects them
+    for key in keys:
+        allowed = {str, int} if key in _ID_KEYS else {str}
+        if not allowed.issuperset(map(type, cols[key])):
+            return None  # nulls, nested values, floats: the row path converts or rejects them
     for key in _ID_KEYS:
         if key in cols and int in set(map(type, cols[key])):
             cols[key] = list(map(str, cols[key]))
@@ -697,13 +713,13 @@ def _json_id(obj: dict[str, Any], key: str) -> str | None:
     raise TypeError(f"{key} is a JSON {_json_type(value)}, expected a string or an integer")
 
 
-def _json_text(value: Any) -> str:
-    return value.strip() if type(value) is str else json.dumps(value, ensure_ascii=False)
+def _json_text(value: Any, default: Any = None) -> str:
+    if type(value) is str:
+        return value.strip()
+    return json.dumps(value, ensure_ascii=False, default=default)
 
 
-def _json_row(
-    obj: Any, rules: _Rules
-) -> tuple[tuple[str, str, str] | str, dict[str, str] | None]:
+def _json_row(obj: Any, rules: _Rules) -> tuple[tuple[str, str, str] | str, dict[str, str] | None]:
     """(clean fields or reject reason, attributes) for one decoded line."""
     if type(obj) is not dict:
         return f"line is a JSON {_json_type(obj)}, expected an object", None
@@ -714,7 +730,7 @@ def _json_row(
         clean = _clean_row(rules, _json_id(obj, "user_id"), _json_id(obj, "segment_id"), op)
     except TypeError as exc:
         return str(exc), None
-    if isinstance(clean, str) or len(obj) <= 3 and all(key in _RESERVED for key in obj):
+    if isinstance(clean, str) or all(key in _RESERVED for key in obj):
         return clean, None
     # Extra keys are attributes; null means absent. Non-strings keep their JSON spelling.
     attrs = {k: _json_text(v) for k, v in obj.items() if k not in _RESERVED and v is not None}
@@ -753,7 +769,9 @@ def _parquet_chunks(
                 batch = next(batches, None)
             except pa.ArrowException as exc:
                 # Only found mid-stream: a corrupt page deep in an otherwise valid file.
-                raise InputFileError(f"{path}: corrupt Parquet data after row {row} ({exc})")
+                raise InputFileError(
+                    f"{path}: corrupt Parquet data after row {row} ({exc})"
+                ) from exc
             if batch is None:
                 return
             chunk = _parquet_batch(batch, layout, rules, row)
@@ -771,25 +789,27 @@ def _arrow_strings(arr: pa.Array) -> list[str | None]:
         return arr.to_pylist()
     if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
         # Bad bytes become surrogates, which the row checks reject as undecodable.
-        return [None if v is None else v.decode("utf-8", "surrogateescape") for v in arr.to_pylist()]
+        values = arr.to_pylist()
+        return [None if v is None else v.decode("utf-8", "surrogateescape") for v in values]
     try:
         return arr.cast(pa.string()).to_pylist()
     except (pa.ArrowNotImplementedError, pa.ArrowInvalid):
-        dumps = json.dumps
-        return [None if v is None else dumps(v, ensure_ascii=False, default=str) for v in arr.to_pylist()]
+        values = arr.to_pylist()
+        return [None if v is None else _json_text(v, default=str) for v in values]
 
 
 def _parquet_batch(batch: pa.RecordBatch, layout: _Layout, rules: _Rules, row: int) -> RowChunk:
     cols = [_arrow_strings(col) for col in batch.columns]
     if not any(col.null_count for col in batch.columns):
+        texts = cast(list[list[str]], cols)  # no nulls: every value is a str
         chunk = _bulk_chunk(
             rules,
             row + 1,
-            cols[layout.user_id],  # type: ignore[arg-type]  # no nulls: all str
-            None if layout.segment_id is None else cols[layout.segment_id],  # type: ignore[arg-type]
-            None if layout.op is None else cols[layout.op],  # type: ignore[arg-type]
+            texts[layout.user_id],
+            None if layout.segment_id is None else texts[layout.segment_id],
+            None if layout.op is None else texts[layout.op],
             layout.attr_names,
-            [cols[i] for i in layout.attr_idx],  # type: ignore[misc]
+            [texts[i] for i in layout.attr_idx],
         )
         if chunk is not None:
             return chunk
@@ -801,7 +821,7 @@ def _parquet_slow(
 ) -> RowChunk:
     out = _Builder(rules.file, bool(layout.attr_names))
     seg_at, op_at = layout.segment_id, layout.op
-    for row_no, record in enumerate(zip(*cols), start=row + 1):
+    for row_no, record in enumerate(zip(*cols, strict=True), start=row + 1):
         clean = _clean_row(
             rules,
             record[layout.user_id],
@@ -812,12 +832,14 @@ def _parquet_slow(
         if not isinstance(clean, str) and layout.attr_names:
             attrs = {
                 name: value.strip()
-                for name, value in zip(layout.attr_names, (record[i] for i in layout.attr_idx))
+                for name, value in zip(
+                    layout.attr_names, [record[i] for i in layout.attr_idx], strict=True
+                )
                 if value is not None  # null means absent, as in JSON Lines
             }
             clean = _attr_problem(attrs) or clean
         if isinstance(clean, str):
-            raw = json.dumps(dict(zip(layout.names, record)), ensure_ascii=False)
+            raw = json.dumps(dict(zip(layout.names, record, strict=True)), ensure_ascii=False)
             out.reject(row_no, clean, raw)
         else:
             out.add(row_no, clean, attrs)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from connectors.change_sink import ChangeSink
@@ -22,13 +24,15 @@ from processors.pipeline_state import BatchStatus, PipelineState
 from processors.segments import AudienceSegments
 from streams.outputs import OutputWriter
 from streams.processor_task import ProcessorTask
+from streams.replay import SinkGroup, plan, rewind
 from streams.settings import Settings
 from streams.sink_task import SinkTask
 from streams.state.table_reader import read_table
 from streams.worker import Task, Worker
 from topics.backends import open_log
+from topics.codec import decode
 from topics.log import Log
-from topics.spec import CHANGES, SPECS
+from topics.spec import CHANGES, DEAD_LETTER, SPECS
 
 ROLES = ("segments", "pipeline", "s3", "warehouse")
 SINKS = ("s3", "warehouse")
@@ -88,6 +92,39 @@ class Pipeline:
             else:
                 raise ValueError(f"unknown role {role!r}; expected some of {', '.join(ROLES)}")
         return Worker(tasks)
+
+    def replay(self, start: str, on_tick: Any = None) -> str:
+        """Rewinds the segments processor and both sinks, then reprocesses to the end.
+        From `earliest` the warehouse's segment tables are rebuilt from nothing."""
+        segments = AudienceSegments()
+        sinks = [SinkGroup(group_of(r), CHANGES) for r in SINKS]
+        replay_plan = plan(self.log, segments.input_topic, start)
+        rewind(self.log, segments, group_of("segments"), sinks, replay_plan)
+        if start == "earliest":
+            self.warehouse.reset_segments()
+        worker = self.worker(("segments", "s3", "warehouse"))
+        seen = -1
+
+        def caught_up() -> bool:
+            # Idle tasks have checkpointed (outputs flushed): caught up once a further idle
+            # round saw no new message anywhere.
+            nonlocal seen
+            total = sum(worker.processed.values())
+            done, seen = total == seen, total
+            return done
+
+        started = time.monotonic()
+        worker.run(until=caught_up, on_tick=on_tick)
+        processed = ", ".join(f"{n}: {c:,}" for n, c in worker.processed.items())
+        return (f"replayed from {start} in {time.monotonic() - started:.2f}s "
+                f"(messages {processed})")
+
+    def dead_letters(self, batch_id: str | None = None) -> Iterator[dict[str, Any]]:
+        for partition in self.log.partitions(DEAD_LETTER):
+            for msg in self.log.read(DEAD_LETTER, partition):
+                value = decode(msg.value)[1]
+                if batch_id is None or value["batch_id"] == batch_id:
+                    yield value
 
     def batches(self) -> dict[str, BatchStatus]:
         return read_table(self.log, PipelineState(), "batches")

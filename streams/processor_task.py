@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from streams.api import Input, Processor
+from streams.faults import crash_point
 from streams.outputs import OutputWriter
 from streams.state.changelog import write_changes
 from streams.state.recovery import restore
@@ -73,7 +74,8 @@ class ProcessorTask:
             store.applied = msg.position
             self._uncommitted[msg.tp] = msg.position
         self._since_checkpoint += len(messages)
-        if (self._since_checkpoint >= self._checkpoint_messages
+        if (not messages  # idle: make what is done visible downstream now
+                or self._since_checkpoint >= self._checkpoint_messages
                 or time.monotonic() >= self._next_checkpoint):
             self.checkpoint()
         return len(messages)
@@ -84,6 +86,7 @@ class ProcessorTask:
         if not self._uncommitted:
             return
         self.outputs.flush()  # 1. outputs
+        crash_point(f"{self.name}.after_outputs")
         producer = self.outputs.producer
         for partition, store in self.stores.items():
             changes = store.take_dirty()
@@ -91,6 +94,7 @@ class ProcessorTask:
                 write_changes(producer, self.processor.changelog_topic, partition,
                               store.applied, changes)
         producer.flush()  # 2. changelog
+        crash_point(f"{self.name}.after_changelog")
         committed, self._uncommitted = self._uncommitted, {}
         self.consumer.commit(committed)  # 3. offsets
 

@@ -81,6 +81,13 @@ class PartitionFile:
             pos += len(frame)
         return positions
 
+    def truncate(self, position: int) -> None:
+        """Cuts the file at a frame boundary: that frame and all later ones are gone."""
+        with self._locked():
+            self.frame_end(position)  # raises unless a frame starts there
+            os.ftruncate(self._fd, position)
+            self._clean_end = position
+
     def repair_if_idle(self) -> None:
         """Cuts a torn tail when no writer is active (called by readers stuck on a tail)."""
         with self._locked(blocking=False) as got:
