@@ -208,7 +208,8 @@ def _layout(path: str, raw_names: Sequence[str], rules: _Rules) -> _Layout:
     if not _encodable(names) or "\x00" in "".join(names):
         raise _not_utf8(path, "undecodable bytes or NUL in the header")
     if "user_id" not in names:
-        shown = _preview(", ".join(names), 200)
+        shown = ", ".join(names)
+        shown = shown if len(shown) <= 200 else shown[:200] + "..."
         raise InputFileError(f"{path}: no user_id column in the header ({shown}); {_NEEDS_HEADER}")
     twice = sorted(name for name, count in Counter(names).items() if count > 1)
     if twice:
@@ -566,7 +567,7 @@ def _take_lines(pieces: Iterator[bytes], count: int, limit: int) -> list[bytes |
     """Up to `count` lines; None stands for a line over `limit` bytes, drained unkept."""
     batch = list(islice(pieces, count))
     if not batch or max(map(len, batch)) < limit:
-        return list(batch)
+        return cast(list[bytes | None], batch)
     out: list[bytes | None] = []
     rest = iter(batch)
     for piece in rest:

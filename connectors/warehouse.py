@@ -220,8 +220,18 @@ class DuckDBWarehouse:
                 ) from exc
         raise AssertionError("unreachable")  # the loop returns or raises
 
-    def _transaction(self, what: str, body: Callable[[duckdb.DuckDBPyConnection], T]) -> T:
-        """Run body in one transaction, retried whole on transient errors."""
+    def _transaction(
+        self,
+        what: str,
+        body: Callable[[duckdb.DuckDBPyConnection], T],
+        arrow: dict[str, pa.Table] | None = None,
+    ) -> T:
+        """Run body in one transaction, retried whole on transient errors.
+
+        arrow: tables body reads by name. Registered outside the transaction: after a
+        failed statement DuckDB refuses even unregister until ROLLBACK.
+        """
+        views = arrow or {}
 
         def once() -> T:
             con = self._con
@@ -235,7 +245,13 @@ class DuckDBWarehouse:
             return result
 
         with self._lock:
-            return self._retry(what, once)
+            for name, table in views.items():
+                self._con.register(name, table)
+            try:
+                return self._retry(what, once)
+            finally:
+                for name in views:
+                    self._con.unregister(name)
 
     def _rollback(self) -> None:
         # A failed COMMIT has already rolled back; ROLLBACK then reports no transaction.
@@ -271,21 +287,17 @@ class DuckDBWarehouse:
                 " WHERE batch_id = ? AND partition = ? AND first_position = ?",
                 key,
             )
-            con.register("_chunk", table)
-            try:
-                con.execute(
-                    """
-                    INSERT INTO staged_changes (batch_id, partition, first_position, ordinal,
-                                                seq, user_id, segment_id, op)
-                    SELECT batch_id, partition, ?, ordinal, seq, user_id, segment_id, op
-                    FROM _chunk
-                    """,
-                    [changes.first_position],
-                )
-            finally:
-                con.unregister("_chunk")
+            con.execute(
+                """
+                INSERT INTO staged_changes (batch_id, partition, first_position, ordinal,
+                                            seq, user_id, segment_id, op)
+                SELECT batch_id, partition, ?, ordinal, seq, user_id, segment_id, op
+                FROM _chunk
+                """,
+                [changes.first_position],
+            )
 
-        self._transaction(f"stage {changes.batch_id}/{changes.partition}", body)
+        self._transaction(f"stage {changes.batch_id}/{changes.partition}", body, {"_chunk": table})
 
     def is_loaded(self, batch_id: str, partition: int) -> bool:
         rows = self._query(
@@ -340,19 +352,15 @@ class DuckDBWarehouse:
         updates = ", ".join(f"{c} = excluded.{c}" for c in STATUS_COLUMNS[1:])
 
         def body(con: duckdb.DuckDBPyConnection) -> None:
-            con.register("_status", table)
-            try:
-                con.execute(
-                    f"""
-                    INSERT INTO batch_status ({", ".join(STATUS_COLUMNS)})
-                    SELECT * REPLACE (CAST(detail AS JSON) AS detail) FROM _status
-                    ON CONFLICT (batch_id) DO UPDATE SET {updates}
-                    """
-                )
-            finally:
-                con.unregister("_status")
+            con.execute(
+                f"""
+                INSERT INTO batch_status ({", ".join(STATUS_COLUMNS)})
+                SELECT * REPLACE (CAST(detail AS JSON) AS detail) FROM _status
+                ON CONFLICT (batch_id) DO UPDATE SET {updates}
+                """
+            )
 
-        self._transaction("upsert batch_status", body)
+        self._transaction("upsert batch_status", body, {"_status": table})
 
     def batch_status(self, batch_id: str) -> dict[str, Any] | None:
         """One status row as upserted (timestamps back in epoch ms, detail as text)."""

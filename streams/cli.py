@@ -48,6 +48,14 @@ def _config_default_map(ctx: click.Context, _param: click.Parameter, value: str 
               help="Local object store root [default: DATA_DIR/s3].")
 @click.option("--warehouse", type=click.Path(dir_okay=False), default=None,
               help="DuckDB file [default: DATA_DIR/warehouse.duckdb].")
+@click.option("--s3-prefix", default="audience/segment-changes",
+              help="Key prefix of the S3 sink's objects.")
+@click.option("--message-rows", type=click.IntRange(1, 100_000), default=5000,
+              help="Rows packed into one message on the rows topic.")
+@click.option("--chunk-rows", type=click.IntRange(1), default=100_000,
+              help="Rows per object the S3 sink writes (and per warehouse staging load).")
+@click.option("--checkpoint-interval-s", type=click.FloatRange(0.01), default=1.0,
+              help="Longest time between processor checkpoints.")
 @click.option("--fsync/--no-fsync", default=False,
               help="fsync the embedded log on every flush (survives power loss, slower).")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")

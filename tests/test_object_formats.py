@@ -1,0 +1,245 @@
+"""ChangeSet and its object encodings: deterministic bytes, round trips, the manifest."""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import fastavro
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from connectors.change_set import ARROW_SCHEMA, ChangeSet
+from connectors.object_formats import (
+    FIELDS,
+    FORMATS,
+    ManifestEntry,
+    avro_sync_marker,
+    decode_changes,
+    encode_changes,
+    encode_manifest,
+    extension,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Ids that trip naive encoders: quotes, backslash, newline, non-ASCII, U+2028 (a line
+# break to str.splitlines but not to JSON), emoji.
+CHANGES = ChangeSet(
+    batch_id="batch-é-1",
+    partition=3,
+    first_position=1200,
+    user_ids=["u1", 'u"2', "u\\3", "u\n4", "ü5", "u\u20286", "😀7"],
+    segment_ids=["s1", "s1", "s2", "s2", "s3", "s3", "s1"],
+    ops=["add", "add", "remove", "add", "add", "remove", "remove"],
+    seqs=[10, 11, 12, 13, 14, 15, -1],
+)
+
+
+def _expected_rows(cs: ChangeSet) -> list[dict[str, object]]:
+    return [
+        {
+            "batch_id": cs.batch_id,
+            "partition": cs.partition,
+            "user_id": u,
+            "segment_id": s,
+            "op": o,
+            "seq": q,
+        }
+        for u, s, o, q in zip(cs.user_ids, cs.segment_ids, cs.ops, cs.seqs, strict=True)
+    ]
+
+
+# -- ChangeSet ---------------------------------------------------------------------------
+
+
+def test_change_set_to_arrow() -> None:
+    table = CHANGES.to_arrow()
+    assert len(CHANGES) == 7
+    assert table.schema == ARROW_SCHEMA
+    assert table.to_pylist() == _expected_rows(CHANGES)
+
+
+def test_change_set_rejects_misaligned_columns_and_unknown_ops() -> None:
+    with pytest.raises(ValueError, match="column lengths differ"):
+        ChangeSet("b", 0, 0, ["u1", "u2"], ["s1"], ["add"], [1])
+    with pytest.raises(ValueError, match=r"unknown ops \['replace'\]"):
+        ChangeSet("b", 0, 0, ["u1"], ["s1"], ["replace"], [1])
+
+
+# -- encodings ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_encoding_is_byte_identical_and_round_trips(fmt: str) -> None:
+    data = encode_changes(CHANGES, fmt)
+    assert encode_changes(CHANGES, fmt) == data
+    rebuilt = ChangeSet(**{**_fields(CHANGES), "user_ids": list(CHANGES.user_ids)})
+    assert encode_changes(rebuilt, fmt) == data  # equal content, distinct objects
+    assert decode_changes(data, fmt) == _expected_rows(CHANGES)
+
+
+def _fields(cs: ChangeSet) -> dict[str, Any]:
+    return dataclasses.asdict(cs)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_empty_change_set(fmt: str) -> None:
+    empty = ChangeSet("b", 0, 0, [], [], [], [])
+    data = encode_changes(empty, fmt)
+    assert data == encode_changes(empty, fmt)
+    assert decode_changes(data, fmt) == []
+
+
+def test_same_bytes_in_another_process() -> None:
+    # A different hash seed must not change anything (no set/dict-order dependence).
+    script = (
+        "import sys, json\n"
+        "from connectors.change_set import ChangeSet\n"
+        "from connectors.object_formats import encode_changes, FORMATS\n"
+        "cs = ChangeSet(**json.loads(sys.stdin.read()))\n"
+        "sys.stdout.write(json.dumps({f: encode_changes(cs, f).hex() for f in FORMATS}))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        input=json.dumps(_fields(CHANGES)),
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(REPO)},
+    ).stdout
+    assert {f: bytes.fromhex(h) for f, h in json.loads(out).items()} == {
+        f: encode_changes(CHANGES, f) for f in FORMATS
+    }
+
+
+def test_avro_is_a_standard_container_file() -> None:
+    data = encode_changes(CHANGES, "avro")
+    reader = fastavro.reader(io.BytesIO(data))
+    assert reader.writer_schema["name"] == "audience.connectors.SegmentChange"
+    assert [f["name"] for f in reader.writer_schema["fields"]] == list(FIELDS)
+    assert reader.metadata["avro.codec"] == "deflate"
+    assert list(reader) == _expected_rows(CHANGES)
+    # The sync marker is the chunk's fixed one (it ends the file, after the last block).
+    assert data.endswith(avro_sync_marker(CHANGES))
+
+
+def test_avro_sync_marker_depends_on_chunk_identity() -> None:
+    moved = ChangeSet(**{**_fields(CHANGES), "first_position": 1201})
+    assert avro_sync_marker(moved) != avro_sync_marker(CHANGES)
+    assert len(avro_sync_marker(moved)) == 16
+    assert encode_changes(moved, "avro") != encode_changes(CHANGES, "avro")
+    assert decode_changes(encode_changes(moved, "avro"), "avro") == _expected_rows(CHANGES)
+
+
+def test_parquet_is_readable_by_pyarrow() -> None:
+    data = encode_changes(CHANGES, "parquet")
+    table = pq.read_table(io.BytesIO(data))
+    assert table.schema.remove_metadata() == ARROW_SCHEMA
+    assert table.to_pylist() == _expected_rows(CHANGES)
+    meta = pq.ParquetFile(io.BytesIO(data)).metadata
+    assert meta.row_group(0).column(0).compression == "SNAPPY"
+
+
+def test_jsonl_lines_are_compact_ordered_utf8_json() -> None:
+    data = encode_changes(CHANGES, "jsonl")
+    assert data.endswith(b"\n")
+    lines = data.decode("utf-8").split("\n")[:-1]
+    assert len(lines) == len(CHANGES)
+    for line, row in zip(lines, _expected_rows(CHANGES), strict=True):
+        assert line == json.dumps(row, ensure_ascii=False, separators=(",", ":"))
+    assert "ü5".encode() in data  # UTF-8, not \u escapes
+    assert list(json.loads(lines[0])) == list(FIELDS)
+
+
+def test_unknown_format_and_extensions() -> None:
+    assert [extension(f) for f in FORMATS] == [".avro", ".jsonl", ".parquet"]
+    for call in (
+        lambda: encode_changes(CHANGES, "csv"),
+        lambda: decode_changes(b"", "csv"),
+        lambda: extension("csv"),
+    ):
+        with pytest.raises(ValueError, match="unknown object format 'csv'"):
+            call()
+
+
+ids = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
+
+
+@st.composite
+def change_sets(draw: st.DrawFn) -> ChangeSet:
+    n = draw(st.integers(0, 30))
+    return ChangeSet(
+        batch_id=draw(ids),
+        partition=draw(st.integers(0, 2**31 - 1)),
+        first_position=draw(st.integers(0, 2**62)),
+        user_ids=draw(st.lists(ids, min_size=n, max_size=n)),
+        segment_ids=draw(st.lists(ids, min_size=n, max_size=n)),
+        ops=draw(st.lists(st.sampled_from(["add", "remove"]), min_size=n, max_size=n)),
+        seqs=draw(st.lists(st.integers(-1, 2**62), min_size=n, max_size=n)),
+    )
+
+
+@settings(max_examples=60, deadline=None)
+@given(cs=change_sets())
+def test_any_change_set_round_trips_deterministically(cs: ChangeSet) -> None:
+    for fmt in FORMATS:
+        data = encode_changes(cs, fmt)
+        assert encode_changes(cs, fmt) == data
+        assert decode_changes(data, fmt) == _expected_rows(cs)
+
+
+# -- manifest ----------------------------------------------------------------------------
+
+
+def test_manifest_is_redshift_copy_shaped_and_sorted() -> None:
+    entries = [
+        ManifestEntry("s3://bkt/b1/p1/000.parquet", content_length=300, record_count=7),
+        ManifestEntry("s3://bkt/b1/p0/050.parquet", content_length=200, record_count=5),
+        ManifestEntry("s3://bkt/b1/p0/000.parquet", content_length=100, record_count=3),
+    ]
+    data = encode_manifest(entries, batch_id="b1", fmt="parquet")
+    assert encode_manifest(list(reversed(entries)), batch_id="b1", fmt="parquet") == data
+    assert json.loads(data) == {
+        "batch_id": "b1",
+        "format": "parquet",
+        "record_count": 15,
+        "entries": [
+            {
+                "url": "s3://bkt/b1/p0/000.parquet",
+                "mandatory": True,
+                "meta": {"content_length": 100, "record_count": 3},
+            },
+            {
+                "url": "s3://bkt/b1/p0/050.parquet",
+                "mandatory": True,
+                "meta": {"content_length": 200, "record_count": 5},
+            },
+            {
+                "url": "s3://bkt/b1/p1/000.parquet",
+                "mandatory": True,
+                "meta": {"content_length": 300, "record_count": 7},
+            },
+        ],
+    }
+    text = data.decode()
+    assert text.index('"batch_id"') < text.index('"entries"') < text.index('"format"')
+
+
+def test_manifest_of_no_objects_and_bad_input() -> None:
+    empty = json.loads(encode_manifest([], batch_id="b2", fmt="avro"))
+    assert empty == {"batch_id": "b2", "format": "avro", "record_count": 0, "entries": []}
+    dup = [ManifestEntry("file:///x/a.avro", 1, 1)] * 2
+    with pytest.raises(ValueError, match="lists an object twice"):
+        encode_manifest(dup, batch_id="b2", fmt="avro")
+    with pytest.raises(ValueError, match="unknown object format"):
+        encode_manifest([], batch_id="b2", fmt="csv")
