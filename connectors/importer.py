@@ -130,11 +130,17 @@ class Importer:
         rejected = 0
         segments: set[str] = set()
         with Spool(spool_path(self.spool_dir, batch_id)) as spool:
-            for chunk in chain(head, chunks):
-                rejected += self._dead_letters(batch_id, chunk)
-                segments.update(chunk.segment_ids)
-                self._spool_chunk(spool, batch_id, req, chunk, counts)
-                self.progress(sum(counts) + rejected)
+            try:
+                for chunk in chain(head, chunks):
+                    rejected += self._dead_letters(batch_id, chunk)
+                    segments.update(chunk.segment_ids)
+                    self._spool_chunk(spool, batch_id, req, chunk, counts)
+                    self.progress(sum(counts) + rejected)
+            except InputFileError as exc:  # found mid-file (a corrupt Parquet page)
+                self.out.send(batch_event(batch_id, "failed", now_ms(), step="import",
+                                          error=str(exc)))
+                self.out.flush()
+                raise
             spool.finish()
             rows = sum(counts)
             self.out.flush()  # dead letters

@@ -23,7 +23,7 @@ import os
 import stat
 import unicodedata
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -364,18 +364,14 @@ def _bulk_chunk(
             return None
         segment_ids = [rules.segment] * count
     else:
-        segment_ids = list(map(str.strip, segs))
-        if rules.segment and "" in segment_ids:
-            segment_ids = [s or rules.segment for s in segment_ids]
-        if not _ids_clean(segment_ids):
+        segment_ids = _by_distinct(segs, partial(_clean_segment, rules.segment))
+        if segment_ids is None:
             return None
     if ops is None:
         op_col = [rules.default_op] * count
     else:
-        op_col = list(map(str.lower, map(str.strip, ops)))
-        if "" in op_col:
-            op_col = [o or rules.default_op for o in op_col]
-        if not _OP_SET.issuperset(op_col):
+        op_col = _by_distinct(ops, partial(_clean_op, rules.default_op))
+        if op_col is None:
             return None
     attributes = None
     if attr_names:
@@ -391,6 +387,31 @@ def _bulk_chunk(
         ops=op_col,
         attributes=attributes,
     )
+
+
+def _by_distinct(values: Sequence[str], clean: Callable[[str], str | None]) -> list[str] | None:
+    """Clean a low-cardinality column (segments, ops) once per distinct value.
+
+    A chunk names few segments and two ops, so this is a set, a handful of calls and one
+    C-level lookup per row. None when any value fails: the row path will say why.
+    """
+    table: dict[str, str] = {}
+    for value in set(values):
+        cleaned = clean(value)
+        if cleaned is None:
+            return None
+        table[value] = cleaned
+    return list(map(table.__getitem__, values))
+
+
+def _clean_segment(default: str | None, value: str) -> str | None:
+    value = value.strip() or (default or "")
+    return value if value and _id_problem("segment_id", value) is None else None
+
+
+def _clean_op(default: str, value: str) -> str | None:
+    value = value.strip().lower() or default
+    return value if value in _OP_SET else None
 
 
 def _yieldable(chunk: RowChunk) -> bool:
@@ -502,7 +523,7 @@ def _csv_fast(
     # Every record of the right width means no blank lines and no malformed records.
     if set(map(len, batch)) != {len(layout.names)}:
         return None
-    cols = list(zip(*batch, strict=True))
+    cols = [list(map(itemgetter(i), batch)) for i in range(len(layout.names))]
     return _bulk_chunk(
         rules,
         first_row,

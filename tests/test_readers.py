@@ -38,8 +38,16 @@ class Result:
         return [r.row for r in self.rejects]
 
 
-def read(path: Path, *, segment: str | None = "s1", mode: str = "add", **kw: object) -> Result:
-    result = Result(list(read_chunks(str(path), segment=segment, mode=mode, **kw)))  # type: ignore[arg-type]
+def read(
+    path: Path,
+    *,
+    segment: str | None = "s1",
+    mode: str = "add",
+    fmt: str | None = None,
+    chunk_rows: int = 50_000,
+) -> Result:
+    chunks = read_chunks(str(path), segment=segment, mode=mode, fmt=fmt, chunk_rows=chunk_rows)
+    result = Result(list(chunks))
     for chunk in result.chunks:
         assert len(chunk.user_ids) == len(chunk.segment_ids) == len(chunk.ops) == len(chunk)
         result.rows += zip(chunk.seqs, chunk.user_ids, chunk.segment_ids, chunk.ops, strict=True)

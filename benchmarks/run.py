@@ -1,0 +1,421 @@
+"""Times the pipeline phase by phase and end to end, with each phase's peak memory.
+
+    python -m benchmarks.run [--rows 100000,1000000] [--backend embedded] [--repeat 3]
+                             [--phases import,process,e2e] [--profile]
+
+For each row count the input is generated once into the work dir (cached by its
+parameters), then every measurement runs as a fresh child process in a fresh data dir:
+
+  import    `streams import FILE -q`: checksum, read, validate, partition, spool, publish
+            and end markers. A real subprocess, timed from spawn to exit.
+  process   the worker (segments + pipeline processors, S3 sink, warehouse sinks) over the
+            imported data dir, through the in-process API in a child `python` process,
+            until the batch is closed; timed from spawn to exit (startup included).
+  e2e       `streams run FILE -q` as one real subprocess in a fresh data dir, from spawn
+            to exit: what a user waits for.
+
+Peak RSS is the child's own `ru_maxrss`, read with os.wait4 on that child's pid, so every
+figure belongs to exactly one process. `cpu s` is the child's user+sys time (above the
+wall time: threads, e.g. DuckDB's; far below: the process waited or slept). A row marked
+`!` saw other processes use more than a quarter of a core meanwhile: re-run it.
+
+The process phase also prints where its time went per task (timed inside the child).
+--profile runs the end to end once more in this process under cProfile and prints the top
+functions by cumulative and by own time (and saves the .prof beside the inputs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from benchmarks.generate import Spec, generate
+
+REPO = Path(__file__).resolve().parent.parent
+PHASES = ("import", "process", "e2e")
+PHASE_LABELS = {"import": "import", "process": "process+sinks", "e2e": "end to end"}
+TARGET_E2E_S = 8.0
+TARGET_RSS_MB = 500.0
+_BATCH_LINE = re.compile(r"^batch (\S+): ", re.MULTILINE)
+_BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # user nice system irq softirq steal in /proc/stat
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+@dataclass
+class Measurement:
+    seconds: float
+    cpu_s: float
+    peak_rss_mb: float
+    other_cpu_s: float  # CPU time other processes used meanwhile (machine-wide)
+    stdout: str = ""
+    stderr: str = ""
+
+    @property
+    def disturbed(self) -> bool:
+        return self.other_cpu_s > 0.25 * self.seconds
+
+
+def _busy_seconds() -> float | None:
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = f.readline().split()[1:]
+    except OSError:
+        return None
+    return sum(int(fields[i]) for i in _BUSY_FIELDS if i < len(fields)) / os.sysconf(
+        "SC_CLK_TCK")
+
+
+def measure(cmd: list[str], cwd: Path, env: dict[str, str], timeout_s: float) -> Measurement:
+    """Runs `cmd` to its exit; wall time, its own CPU time and its own peak RSS."""
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        busy0 = _busy_seconds()
+        started = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err,
+                                stdin=subprocess.DEVNULL)
+        deadline = started + timeout_s
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.perf_counter() > deadline:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.005)
+        seconds = time.perf_counter() - started
+        busy1 = _busy_seconds()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode("utf-8", "replace")
+        stderr = err.read().decode("utf-8", "replace")
+    cpu = usage.ru_utime + usage.ru_stime
+    other = 0.0 if busy0 is None or busy1 is None else max(0.0, busy1 - busy0 - cpu)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode} after {seconds:.1f}s:\n"
+                           f"{stdout[-2000:]}\n{stderr[-2000:]}")
+    return Measurement(seconds, cpu, usage.ru_maxrss / 1024, other, stdout, stderr)
+
+
+# ------------------------------------------------------------------------ the children
+
+
+def _child_env() -> dict[str, str]:
+    """No STREAMS_* settings leak in from the caller; benchmarks importable from any cwd."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("STREAMS_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env.setdefault("PYTHONHASHSEED", "0")
+    return env
+
+
+def _streams(data_dir: Path, backend: str, *args: str) -> list[str]:
+    return [sys.executable, "-m", "streams", "--data-dir", str(data_dir), "--backend", backend,
+            *args]
+
+
+@dataclass
+class _Timer:
+    seconds: float = 0.0
+    calls: int = 0
+
+    def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - started
+                self.calls += 1
+        return timed
+
+
+@dataclass
+class _Breakdown:
+    timers: dict[str, _Timer] = field(default_factory=dict)
+
+    def wrap(self, name: str, owner: Any, attr: str) -> None:
+        timer = self.timers.setdefault(name, _Timer())
+        setattr(owner, attr, timer.wrap(getattr(owner, attr)))
+
+
+def process_child(data_dir: str, batch_id: str, backend: str, timeout_s: float) -> int:
+    """The process phase, inside the child: a worker with every role until the batch is
+    closed, as `streams run` runs it after its import. Prints a JSON report on stdout."""
+    started = time.perf_counter()
+    from streams.pipeline import Pipeline
+    from streams.settings import Settings
+
+    pipe = Pipeline(Settings(data_dir=Path(data_dir), backend=backend))
+    try:
+        worker = pipe.worker()
+        pipeline_task = next(t for t in worker.tasks if t.name == "pipeline")
+        parts = _Breakdown()
+        for task in worker.tasks:
+            parts.wrap(f"{task.name}: step", task, "step")
+            parts.wrap(f"{task.name}:   checkpoint", task, "checkpoint")
+            writer = getattr(getattr(task, "sink", None), "writer", None)
+            if writer is not None:
+                parts.wrap(f"{task.name}:   write_chunk", writer, "write_chunk")
+                parts.wrap(f"{task.name}:   close_partition", writer, "close_partition")
+
+        def closed() -> bool:
+            status = pipeline_task.tables("batches").get(batch_id)
+            return status is not None and status.finished
+
+        ready = time.perf_counter()
+        ok = worker.run(until=closed, timeout_s=timeout_s)
+        ran = time.perf_counter() - ready
+        status = pipe.batches().get(batch_id)
+    finally:
+        pipe.close()
+    stepped = sum(t.seconds for n, t in parts.timers.items() if n.endswith(": step"))
+    report = {
+        "ok": ok and status is not None and status.status == "closed",
+        "status": None if status is None else status.status,
+        "startup_s": ready - started,
+        "worker_s": ran,
+        "idle_s": ran - stepped,
+        "messages": dict(worker.processed),
+        "parts": {n: [t.seconds, t.calls] for n, t in parts.timers.items()},
+    }
+    print(json.dumps(report))
+    return 0 if report["ok"] else 1
+
+
+# -------------------------------------------------------------------------- the runner
+
+
+@dataclass
+class Row:
+    rows: int
+    phase: str
+    best: Measurement
+    runs: list[Measurement]
+
+
+def _fresh(work: Path, name: str) -> Path:
+    path = work / "runs" / name
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+def _batch_id(stdout: str) -> str:
+    found = _BATCH_LINE.search(stdout)
+    if not found:
+        raise RuntimeError(f"no batch id in the import's output:\n{stdout}")
+    return found.group(1)
+
+
+def _check_closed(stdout: str) -> None:
+    if not re.search(r"^status\s+closed$", stdout, re.MULTILINE):
+        raise RuntimeError(f"the batch did not close:\n{stdout}")
+
+
+def run_case(spec: Spec, path: Path, work: Path, args: argparse.Namespace,
+             breakdowns: dict[int, dict[str, Any]]) -> list[Row]:
+    env = _child_env()
+    n = spec.rows
+    runs: dict[str, list[Measurement]] = {p: [] for p in args.phases}
+    for i in range(args.repeat):
+        if "import" in args.phases or "process" in args.phases:
+            data = _fresh(work, f"r{n}-split-{i}")
+            imported = measure(_streams(data / "data", args.backend, "import", str(path), "-q"),
+                               data, env, args.timeout)
+            if "import" in args.phases:
+                runs["import"].append(imported)
+            if "process" in args.phases:
+                m = measure([sys.executable, "-m", "benchmarks.run", "--process-child",
+                             str(data / "data"), _batch_id(imported.stdout),
+                             "--backend", args.backend, "--timeout", str(args.timeout)],
+                            data, env, args.timeout + 60)
+                runs["process"].append(m)
+                report = json.loads(m.stdout.strip().splitlines()[-1])
+                if (n not in breakdowns
+                        or report["worker_s"] < breakdowns[n]["worker_s"]):
+                    breakdowns[n] = report
+            if not args.keep:
+                shutil.rmtree(data, ignore_errors=True)
+        if "e2e" in args.phases:
+            data = _fresh(work, f"r{n}-e2e-{i}")
+            m = measure(_streams(data / "data", args.backend, "run", str(path), "-q"),
+                        data, env, args.timeout)
+            _check_closed(m.stdout)
+            runs["e2e"].append(m)
+            if not args.keep:
+                shutil.rmtree(data, ignore_errors=True)
+        done = ", ".join(f"{PHASE_LABELS[p]} {runs[p][-1].seconds:.2f}s" for p in args.phases)
+        print(f"  {n:,} rows, run {i + 1}/{args.repeat}: {done}", file=sys.stderr)
+    rows = []
+    for phase in args.phases:
+        ms = runs[phase]
+        # Best = fastest undisturbed run (all disturbed: fastest of all).
+        calm = [m for m in ms if not m.disturbed] or ms
+        rows.append(Row(n, phase, min(calm, key=lambda m: m.seconds), ms))
+    return rows
+
+
+def format_table(rows: list[Row]) -> str:
+    head = (f"{'rows':>10}  {'phase':<14} {'seconds':>8} {'rows/s':>10} {'cpu s':>7} "
+            f"{'peak RSS MB':>11}")
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        m = r.best
+        mark = " !" if m.disturbed else ""
+        lines.append(f"{r.rows:>10,}  {PHASE_LABELS[r.phase]:<14} {m.seconds:>8.2f} "
+                     f"{r.rows / m.seconds:>10,.0f} {m.cpu_s:>7.2f} {m.peak_rss_mb:>11.0f}"
+                     f"{mark}")
+    return "\n".join(lines)
+
+
+def format_breakdown(n: int, report: dict[str, Any]) -> str:
+    lines = [f"process+sinks breakdown, {n:,} rows (inside the child; best run):",
+             f"  {'startup (imports, open log, restore)':<40} {report['startup_s']:>7.2f}s"]
+    for name, (seconds, calls) in report["parts"].items():
+        lines.append(f"  {name:<40} {seconds:>7.2f}s  {calls:>6} calls")
+    lines.append(f"  {'idle (polls that found nothing, sleeps)':<40} {report['idle_s']:>7.2f}s")
+    lines.append(f"  {'worker total':<40} {report['worker_s']:>7.2f}s")
+    msgs = ", ".join(f"{k} {v:,}" for k, v in report["messages"].items())
+    lines.append(f"  messages: {msgs}")
+    return "\n".join(lines)
+
+
+def profile_e2e(spec: Spec, path: Path, work: Path, backend: str, top: int = 25) -> str:
+    """`streams run FILE` in this process under cProfile; the top functions, two ways."""
+    from streams.cli import cli
+
+    data = _fresh(work, f"r{spec.rows}-profile")
+    prof = cProfile.Profile()
+    argv = ["--data-dir", str(data / "data"), "--backend", backend, "run", str(path), "-q"]
+    started = time.perf_counter()
+    old_cwd = os.getcwd()
+    os.chdir(data)  # no streams.toml of the caller's cwd
+    try:
+        prof.runcall(cli.main, args=argv, prog_name="streams", standalone_mode=False)
+    finally:
+        os.chdir(old_cwd)
+    took = time.perf_counter() - started
+    out_file = work / f"profile-r{spec.rows}.prof"
+    prof.dump_stats(out_file)
+    shutil.rmtree(data, ignore_errors=True)
+    text = io.StringIO()
+    text.write(f"\ncProfile of the end to end, {spec.rows:,} rows: {took:.2f}s under the "
+               f"profiler (saved to {out_file})\n")
+    for order in ("cumulative", "tottime"):
+        text.write(f"\n--- top {top} by {order} ---\n")
+        stats = pstats.Stats(prof, stream=text)
+        stats.strip_dirs().sort_stats(order).print_stats(top)
+    return text.getvalue()
+
+
+# ---------------------------------------------------------------------------------- CLI
+
+
+def _count(text: str) -> int:
+    text = text.strip().lower().replace("_", "")
+    scale = 1
+    if text.endswith("k"):
+        text, scale = text[:-1], 1_000
+    elif text.endswith("m"):
+        text, scale = text[:-1], 1_000_000
+    return int(float(text) * scale)
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", default="100000,1000000",
+                   help="comma-separated row counts (100k, 1M accepted)")
+    p.add_argument("--backend", choices=["embedded", "kafka"], default="embedded")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="runs per phase; the table shows the fastest undisturbed one")
+    p.add_argument("--phases", default=",".join(PHASES),
+                   help=f"comma-separated, of {', '.join(PHASES)}; empty for none")
+    p.add_argument("--profile", action="store_true",
+                   help="also profile the end to end in-process (cProfile) per row count")
+    p.add_argument("--top", type=int, default=25, help="functions shown per profile order")
+    p.add_argument("--users", type=int, default=None, help="distinct users [default: rows]")
+    p.add_argument("--segments", type=int, default=20)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--remove-share", type=float, default=0.0)
+    p.add_argument("--workdir", type=Path,
+                   default=Path(tempfile.gettempdir()) / "audience-streams-bench",
+                   help="inputs (cached by parameters) and data dirs")
+    p.add_argument("--keep", action="store_true", help="keep the data dirs")
+    p.add_argument("--timeout", type=float, default=600.0, help="per child process, seconds")
+    p.add_argument("--process-child", nargs=2, metavar=("DATA_DIR", "BATCH_ID"),
+                   help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.phases = [x.strip() for x in args.phases.split(",") if x.strip()]
+    unknown = set(args.phases) - set(PHASES)
+    if unknown:
+        p.error(f"--phases: unknown {sorted(unknown)}; expected some of {', '.join(PHASES)}")
+    args.rows = [_count(x) for x in args.rows.split(",") if x.strip()]
+    if args.repeat < 1:
+        p.error("--repeat must be at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    if args.process_child:
+        return process_child(*args.process_child, args.backend, args.timeout)
+    work = args.workdir.resolve()
+    (work / "inputs").mkdir(parents=True, exist_ok=True)
+    table: list[Row] = []
+    breakdowns: dict[int, dict[str, Any]] = {}
+    profiles: list[str] = []
+    load = os.getloadavg()[0]
+    print(f"machine: {os.cpu_count()} CPUs, load {load:.2f}; python {sys.version.split()[0]}; "
+          f"backend {args.backend}; work dir {work}", file=sys.stderr)
+    for n in args.rows:
+        spec = Spec(n, args.users, args.segments, args.seed, args.remove_share)
+        path = work / "inputs" / spec.file_name()
+        if not path.exists():
+            started = time.perf_counter()
+            generate(path, spec)
+            print(f"generated {path.name} in {time.perf_counter() - started:.2f}s",
+                  file=sys.stderr)
+        if args.phases:
+            table.extend(run_case(spec, path, work, args, breakdowns))
+        if args.profile:
+            profiles.append(profile_e2e(spec, path, work, args.backend, args.top))
+    if table:
+        print(format_table(table))
+        e2e = [r for r in table if r.phase == "e2e"]
+        for r in e2e:
+            verdict = ("meets" if r.best.seconds < TARGET_E2E_S
+                       and max(m.peak_rss_mb for m in r.runs) < TARGET_RSS_MB else "misses")
+            if r.rows == 1_000_000:
+                print(f"target (1M rows end to end < {TARGET_E2E_S:g}s and < "
+                      f"{TARGET_RSS_MB:g} MB): {verdict}")
+        if args.repeat > 1:
+            print(f"(best of {args.repeat} runs per phase; peak RSS of that run)")
+        if any(r.best.disturbed for r in table):
+            print("! other processes used over 1/4 core during this run: re-run it")
+    for n, report in breakdowns.items():
+        print()
+        print(format_breakdown(n, report))
+    for text in profiles:
+        print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,462 @@
+"""Crash tests: real `streams` processes SIGKILLed at named crash points and at random
+times during a 200k-row batch, then restarted. After the restart the batch must be closed
+once, and every output (warehouse, S3 objects and manifests, load ledger, status table and
+status topic) must hold each change exactly once: nothing lost, nothing doubled.
+
+Kills come from `STREAMS_CRASH_AT` (streams/faults.py: the process SIGKILLs itself at a
+crash point) or from the test (Popen + SIGKILL after a seeded random delay).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import duckdb
+import pytest
+
+from connectors.object_formats import decode_changes, extension
+from tests.support import expected_members, random_rows, run_cli, warehouse_members, write_csv
+from topics.backends import open_log
+from topics.codec import decode
+from topics.spec import BATCH_STATUS, CHANGES, EVENTS, ROWS
+
+N_ROWS = 200_000
+PARTITIONS = 4
+S3_PREFIX = ("audience", "segment-changes")
+KILLED = -signal.SIGKILL
+
+# Small chunks and messages so that crash points fall in the middle of a partition's work:
+# ~29k changes per partition -> 3 chunks each (12 `after_chunk` passes per sink), 200 row
+# messages (13 `import.publishing` passes), several processor checkpoints.
+TUNING = {
+    "STREAMS_CHUNK_ROWS": "10000",
+    "STREAMS_MESSAGE_ROWS": "1000",
+    "STREAMS_CHECKPOINT_INTERVAL_S": "0.05",
+}
+
+# Every consumer group of an all-roles worker, with the topic it reads.
+GROUPS = {
+    "processor-segments": ROWS,
+    "processor-pipeline": EVENTS,
+    "sink-s3": CHANGES,
+    "sink-warehouse": CHANGES,
+    "sink-warehouse-status": BATCH_STATUS,
+}
+
+
+def cli_env(crash_at: str = "") -> dict[str, str]:
+    # STREAMS_CRASH_AT is always set, so that a value inherited by pytest cannot leak in.
+    return {**TUNING, "STREAMS_CRASH_AT": crash_at}
+
+
+@dataclass(frozen=True)
+class Batch:
+    path: Path
+    mode: str
+    rows: list[tuple[str, str, str]]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Batch]:
+    folder = tmp_path_factory.mktemp("crash-inputs")
+    out = {}
+    for name, seed, mode in (("first", 101, "add"), ("second", 202, "replace")):
+        rows = random_rows(N_ROWS, users=50_000, segments=3, seed=seed)
+        out[name] = Batch(write_csv(folder / f"{name}.csv", rows), mode, rows)
+    return out
+
+
+# -- processes --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def spawn(tmp_path: Path) -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
+    """Starts `python -m streams ARGS` in the background; kills leftovers at teardown."""
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(*args: str, data_dir: Path, env: dict[str, str], name: str
+              ) -> subprocess.Popen[bytes]:
+        full_env = {**os.environ, "STREAMS_DATA_DIR": str(data_dir), **env}
+        with open(tmp_path / f"{name}.out", "wb") as out:
+            proc = subprocess.Popen([sys.executable, "-m", "streams", *args], stdout=out,
+                                    stderr=subprocess.STDOUT, env=full_env,
+                                    cwd=data_dir.parent)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def output_of(tmp_path: Path, name: str) -> str:
+    return (tmp_path / f"{name}.out").read_text(encoding="utf-8", errors="replace")
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str,
+             interval: float = 0.05) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def has_opened_log(proc: subprocess.Popen[bytes], data_dir: Path) -> bool:
+    """The process holds a file of the embedded log open (it has started real work)."""
+    log_dir = str((data_dir / "log").resolve())
+    try:
+        fds = os.listdir(f"/proc/{proc.pid}/fd")
+    except FileNotFoundError:  # exited, or no /proc: fall back to the log's existence
+        return proc.poll() is not None or (data_dir / "log").is_dir()
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/{proc.pid}/fd/{fd}").startswith(log_dir):
+                return True
+        except OSError:
+            continue
+    return proc.poll() is not None
+
+
+# -- reading what the pipeline holds ---------------------------------------------------------
+
+
+def statuses(data_dir: Path) -> list[dict[str, Any]]:
+    return json.loads(run_cli("status", "--json", data_dir=data_dir, env=cli_env()).stdout)
+
+
+def status_of(data_dir: Path, source: Path) -> dict[str, Any]:
+    found = [s for s in statuses(data_dir) if s["source"] == str(source)]
+    assert len(found) == 1, f"expected one batch from {source}, got {found}"
+    return found[0]
+
+
+def batch_is_closed(data_dir: Path, batch_id: str) -> bool:
+    return any(s["batch_id"] == batch_id and s["status"] == "closed"
+               for s in statuses(data_dir))
+
+
+def all_groups_caught_up(data_dir: Path) -> bool:
+    """Every consumer group has committed past every message of its topic."""
+    log = open_log(f"embedded://{(data_dir / 'log').resolve()}")
+    try:
+        for group, topic in GROUPS.items():
+            positions = [gp for gp in log.group_positions(group) if gp.tp.topic == topic]
+            if len(positions) != len(log.partitions(topic)):
+                return False
+            if any(gp.lag for gp in positions):
+                return False
+        return True
+    finally:
+        log.close()
+
+
+def status_snapshots(data_dir: Path, batch_id: str) -> list[dict[str, Any]]:
+    """Snapshots of one batch on `pipeline.batch-status`, in log order."""
+    log = open_log(f"embedded://{(data_dir / 'log').resolve()}")
+    try:
+        out = []
+        for partition in log.partitions(BATCH_STATUS):
+            for msg in log.read(BATCH_STATUS, partition):
+                _schema, value = decode(msg.value)
+                if value["batch_id"] == batch_id:
+                    out.append(json.loads(value["json"]))
+        return out
+    finally:
+        log.close()
+
+
+def batch_id_from_output(text: str) -> str:
+    match = re.search(r"^batch\s+(\S+?):? ", text, re.MULTILINE)
+    assert match, f"no batch id in output:\n{text}"
+    return match.group(1)
+
+
+# -- checks ------------------------------------------------------------------------------------
+
+
+def check_s3(data_dir: Path, batch_id: str, fmt: str, start: set[tuple[str, str]],
+             end: set[tuple[str, str]], changes: int) -> None:
+    """The manifest lists every part object once and nothing else is there; folding the
+    objects in (partition, first position, row) order turns `start` into `end`, and every
+    row is a real change (an add of a non-member, a removal of a member)."""
+    folder = data_dir.joinpath("s3", *S3_PREFIX, f"batch={batch_id}")
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    assert manifest["batch_id"] == batch_id
+    assert manifest["format"] == fmt
+    urls = [e["url"] for e in manifest["entries"]]
+    assert len(urls) == len(set(urls)), "an object is listed twice in the manifest"
+
+    listed: dict[Path, dict[str, Any]] = {}
+    for entry in manifest["entries"]:
+        path = Path(unquote(urlparse(entry["url"]).path)).resolve()
+        assert path.is_file(), f"manifest lists a missing object {path}"
+        listed[path] = entry
+    allowed = {folder / "manifest.json"} | {
+        folder / f"partition={p}" / "_manifest.json" for p in range(PARTITIONS)}
+    on_disk = {p.resolve() for p in folder.rglob("*")
+               if p.is_file() and not p.name.startswith(".tmp-")}  # unfinished puts
+    stray = sorted(str(p) for p in on_disk - set(listed) - {a.resolve() for a in allowed})
+    assert not stray, f"objects in the batch folder that the manifest does not list: {stray}"
+    for a in allowed:
+        assert a.is_file(), f"missing {a}"
+
+    # Per-partition manifests together list exactly what the batch manifest lists.
+    per_partition = []
+    for p in range(PARTITIONS):
+        part = json.loads((folder / f"partition={p}" / "_manifest.json").read_text("utf-8"))
+        per_partition += [e["url"] for e in part["entries"]]
+    assert sorted(per_partition) == sorted(urls)
+
+    objects = []
+    for path, entry in listed.items():
+        match = re.fullmatch(r"partition=(\d+)", path.parent.name)
+        assert match, path
+        name = re.fullmatch(r"part-(\d{20})" + re.escape(extension(fmt)), path.name)
+        assert name, f"unexpected object name {path.name}"
+        objects.append((int(match.group(1)), int(name.group(1)), path, entry))
+    objects.sort()
+
+    state = set(start)
+    total = 0
+    for partition, _first, path, entry in objects:
+        data = path.read_bytes()
+        assert entry["meta"]["content_length"] == len(data)
+        rows = decode_changes(data, fmt)
+        assert entry["meta"]["record_count"] == len(rows)
+        total += len(rows)
+        for row in rows:
+            assert row["batch_id"] == batch_id and row["partition"] == partition, row
+            key = (row["segment_id"], row["user_id"])
+            if row["op"] == "add":
+                assert key not in state, f"{path.name}: add of a member (doubled?) {row}"
+                state.add(key)
+            else:
+                assert row["op"] == "remove", row
+                assert key in state, f"{path.name}: removal of a non-member (doubled?) {row}"
+                state.discard(key)
+    assert manifest["record_count"] == total
+    assert total == changes, f"objects hold {total} changes, the batch status says {changes}"
+    assert state == end, (f"S3 changes fold to {len(state)} members, expected {len(end)}: "
+                          f"{len(state - end)} extra, {len(end - state)} missing")
+
+
+def check_warehouse(data_dir: Path, status: dict[str, Any], start: set[tuple[str, str]],
+                    end: set[tuple[str, str]]) -> None:
+    batch_id = status["batch_id"]
+    con = duckdb.connect(str(data_dir / "warehouse.duckdb"), read_only=True)
+    try:
+        ledger = con.execute(
+            "SELECT partition, rows_loaded, added, removed FROM load_ledger"
+            " WHERE batch_id = ? ORDER BY partition", [batch_id]).fetchall()
+        staged = con.execute("SELECT count(*) FROM staged_changes WHERE batch_id = ?",
+                             [batch_id]).fetchone()[0]
+        rows = con.execute(
+            "SELECT status, epoch_ms(closed_at), rows, rejected FROM batch_status"
+            " WHERE batch_id = ?", [batch_id]).fetchall()
+    finally:
+        con.close()
+    assert [r[0] for r in ledger] == list(range(PARTITIONS)), \
+        f"load ledger of {batch_id}: {ledger}; expected one row per partition"
+    assert sum(r[1] for r in ledger) == status["changes_total"]
+    assert sum(r[2] for r in ledger) - sum(r[3] for r in ledger) == len(end) - len(start)
+    assert staged == 0, f"{staged} staged changes of {batch_id} were never merged"
+    assert len(rows) == 1, f"warehouse batch_status rows for {batch_id}: {rows}"
+    assert rows[0] == ("closed", status["closed_at"], N_ROWS, 0), \
+        f"warehouse batch_status {rows[0]} != CLI status {status['closed_at']}"
+
+
+def check_closed_once(data_dir: Path, batch_id: str, closed_at: int) -> None:
+    """Snapshots may be re-emitted after a crash, but the batch closes at one time and never
+    leaves `closed` again."""
+    snapshots = status_snapshots(data_dir, batch_id)
+    statuses_seen = [s["status"] for s in snapshots]
+    assert "closed" in statuses_seen, f"no closed snapshot of {batch_id}: {statuses_seen}"
+    first = statuses_seen.index("closed")
+    assert all(s == "closed" for s in statuses_seen[first:]), statuses_seen
+    assert {s["closed_at"] for s in snapshots[first:]} == {closed_at}
+    assert "failed" not in statuses_seen
+
+
+def verify(data_dir: Path, history: list[Batch], fmt: str = "parquet") -> None:
+    """Every batch of `history` (in order) is closed once and delivered exactly once."""
+    for i, batch in enumerate(history):
+        start = expected_members((b.mode, b.rows) for b in history[:i])
+        end = expected_members((b.mode, b.rows) for b in history[: i + 1])
+        status = status_of(data_dir, batch.path)
+        changes = sum(status["applied"].values())
+        status["changes_total"] = changes
+        assert status["status"] == "closed", status
+        assert status["closed_at"] is not None
+        assert status["rejected"] == 0
+        assert status["rows"] == N_ROWS - status["rejected"]
+        assert sum(status["partition_counts"]) == status["rows"]
+        assert status["error"] == ""
+        check_s3(data_dir, status["batch_id"], fmt, start, end, changes)
+        check_warehouse(data_dir, status, start, end)
+        check_closed_once(data_dir, status["batch_id"], status["closed_at"])
+    members = warehouse_members(data_dir)
+    assert len(members) == len(set(members)), "duplicate (segment, user) rows in the warehouse"
+    expected = sorted(expected_members((b.mode, b.rows) for b in history))
+    assert members == expected, (f"warehouse holds {len(members)} members, expected "
+                                 f"{len(expected)}: {len(set(members) - set(expected))} "
+                                 f"extra, {len(set(expected) - set(members))} missing")
+
+
+# -- 1. crash points ---------------------------------------------------------------------------
+
+CRASH_POINTS = [
+    "import.publishing",  # mid-import: after the first 16 row messages
+    "import.publishing:8",
+    "import.before_end_markers",
+    "import.end_marker:2",  # between the 2nd and the 3rd end marker
+    "segments.after_outputs",
+    "segments.after_changelog",
+    "pipeline.after_outputs",
+    "pipeline.after_changelog",
+    "sink-s3.after_chunk",  # a sink wrote, before anything committed
+    "sink-s3.after_chunk:7",
+    "sink-warehouse.after_chunk",
+    "sink-warehouse.after_chunk:8",
+    "sink-s3.after_close",  # after the manifest, before sink_committed and the offset
+    "sink-s3.after_close:4",  # the last partition: after the batch manifest
+    "sink-warehouse.after_close:2",
+    "sink-warehouse.after_close:4",  # the last merge
+]
+
+
+def crash_then_rerun(args: tuple[str, ...], data_dir: Path, crash_at: str) -> None:
+    crashed = run_cli(*args, data_dir=data_dir, env=cli_env(crash_at), check=False)
+    assert crashed.returncode == KILLED, (
+        f"STREAMS_CRASH_AT={crash_at}: expected death by SIGKILL, got exit "
+        f"{crashed.returncode}\nstdout:\n{crashed.stdout}\nstderr:\n{crashed.stderr}")
+    rerun = run_cli(*args, data_dir=data_dir, env=cli_env())
+    assert re.search(r"^status\s+closed$", rerun.stdout, re.MULTILINE), rerun.stdout
+
+
+@pytest.mark.parametrize("crash_at", CRASH_POINTS)
+def test_run_killed_at_crash_point_then_rerun_delivers_once(
+        tmp_path: Path, inputs: dict[str, Batch], crash_at: str) -> None:
+    data_dir = tmp_path / "data"
+    batch = inputs["first"]
+    crash_then_rerun(("run", "-q", str(batch.path)), data_dir, crash_at)
+    verify(data_dir, [batch])
+
+
+@pytest.mark.parametrize("crash_at", ["sink-s3.after_chunk:5", "segments.after_outputs"])
+def test_run_killed_with_jsonl_objects(tmp_path: Path, inputs: dict[str, Batch],
+                                       crash_at: str) -> None:
+    data_dir = tmp_path / "data"
+    batch = inputs["first"]
+    crash_then_rerun(("--s3-format", "jsonl", "run", "-q", str(batch.path)), data_dir,
+                     crash_at)
+    verify(data_dir, [batch], fmt="jsonl")
+
+
+@pytest.mark.parametrize("crash_at", [
+    "import.end_marker:2",  # end markers of partitions 0 and 1 sent twice
+    "import.end_marker:3",
+    "segments.after_outputs:2",  # the checkpoint with the end-marker removals
+    "sink-warehouse.after_close:3",
+    "sink-s3.after_chunk:10",
+])
+def test_replace_batch_killed_then_rerun_removes_once(
+        tmp_path: Path, inputs: dict[str, Batch], crash_at: str) -> None:
+    data_dir = tmp_path / "data"
+    first, second = inputs["first"], inputs["second"]
+    run_cli("run", "-q", str(first.path), data_dir=data_dir, env=cli_env())
+    crash_then_rerun(("run", "-q", "--mode", "replace", str(second.path)), data_dir, crash_at)
+    verify(data_dir, [first, second])
+
+
+# -- 2. kills from outside at random times -----------------------------------------------------
+
+
+def test_run_killed_from_outside_at_random_times(
+        tmp_path: Path, inputs: dict[str, Batch],
+        spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
+    rng = random.Random(8_675_309)
+    data_dir = tmp_path / "data"
+    batch = inputs["first"]
+    outcomes = []
+    for attempt in range(3):
+        delay = rng.uniform(0.3, 3.0)
+        name = f"run-{attempt}"
+        proc = spawn("run", "-q", str(batch.path), data_dir=data_dir, env=cli_env(), name=name)
+        wait_for(lambda proc=proc: has_opened_log(proc, data_dir), 60,
+                 f"{name} to open the log")
+        try:
+            proc.wait(timeout=delay)  # it may finish by itself before the kill
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        assert proc.returncode in (0, KILLED), output_of(tmp_path, name)
+        outcomes.append((round(delay, 2), proc.returncode))
+    assert any(code == KILLED for _d, code in outcomes), f"no kill landed: {outcomes}"
+    final = run_cli("run", "-q", str(batch.path), data_dir=data_dir, env=cli_env())
+    assert re.search(r"^status\s+closed$|nothing changed", final.stdout, re.MULTILINE), \
+        final.stdout
+    verify(data_dir, [batch])
+
+
+# -- 3. a separate worker, killed and restarted, then stopped cleanly --------------------------
+
+
+def test_worker_killed_at_checkpoint_restarted_and_stopped_cleanly(
+        tmp_path: Path, inputs: dict[str, Batch],
+        spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
+    data_dir = tmp_path / "data"
+    batch = inputs["first"]
+    imported = run_cli("import", "-q", str(batch.path), data_dir=data_dir, env=cli_env())
+    batch_id = batch_id_from_output(imported.stdout)
+
+    first = spawn("worker", data_dir=data_dir, env=cli_env("segments.after_changelog"),
+                  name="worker-1")
+    assert first.wait(timeout=120) == KILLED, output_of(tmp_path, "worker-1")
+    assert not batch_is_closed(data_dir, batch_id)
+
+    second = spawn("worker", data_dir=data_dir, env=cli_env(), name="worker-2")
+    wait_for(lambda: batch_is_closed(data_dir, batch_id), 180, f"batch {batch_id} to close",
+             interval=0.2)
+    # Closed in the status view; let the worker also deliver the last snapshots.
+    wait_for(lambda: all_groups_caught_up(data_dir), 60, "every consumer group to catch up")
+    assert second.poll() is None, output_of(tmp_path, "worker-2")
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(timeout=10) == 0, output_of(tmp_path, "worker-2")
+    assert "worker stopped cleanly" in output_of(tmp_path, "worker-2")
+    verify(data_dir, [batch])
+
+
+# -- 4. double-fired trigger -------------------------------------------------------------------
+
+
+def test_same_file_twice_changes_nothing_and_reused_batch_id_is_refused(
+        tmp_path: Path, inputs: dict[str, Batch]) -> None:
+    data_dir = tmp_path / "data"
+    first, other = inputs["first"], inputs["second"]
+    args = ("run", "-q", "--batch-id", "crash-dup-1", str(first.path))
+    run_cli(*args, data_dir=data_dir, env=cli_env())
+    snapshots = len(status_snapshots(data_dir, "crash-dup-1"))
+    again = run_cli(*args, data_dir=data_dir, env=cli_env())
+    assert "nothing changed" in again.stdout, again.stdout
+    assert len(status_snapshots(data_dir, "crash-dup-1")) == snapshots
+
+    refused = run_cli("import", "-q", "--batch-id", "crash-dup-1", str(other.path),
+                      data_dir=data_dir, env=cli_env(), check=False)
+    assert refused.returncode != 0
+    assert "crash-dup-1" in refused.stdout + refused.stderr, refused.stderr
+    verify(data_dir, [first])
