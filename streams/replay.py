@@ -34,6 +34,10 @@ def plan(log: Log, topic: str, start: str) -> ReplayPlan:
     """`earliest`, `position:N` (every partition, from its first message at or after N), or
     `batch:ID` (every partition, from the first message of that batch)."""
     kind, _, arg = start.partition(":")
+    if kind not in ("earliest", "position", "batch") or (kind == "batch" and not arg):
+        raise ValueError(f"--from {start!r}: expected earliest, position:N or batch:ID")
+    if kind == "position":
+        _int(arg)
     starts: dict[int, int | None] = {}
     for p in log.partitions(topic):
         first = None
@@ -42,10 +46,8 @@ def plan(log: Log, topic: str, start: str) -> ReplayPlan:
                 first = msg.position
             elif kind == "position":
                 first = msg.position if msg.position >= _int(arg) else None
-            elif kind == "batch":
-                first = msg.position if decode(msg.value)[1].get("batch_id") == arg else None
             else:
-                raise ValueError(f"--from {start!r}: expected earliest, position:N or batch:ID")
+                first = msg.position if decode(msg.value)[1].get("batch_id") == arg else None
             if first is not None:
                 break
         starts[p] = first

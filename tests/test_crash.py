@@ -139,8 +139,8 @@ def statuses(data_dir: Path) -> list[dict[str, Any]]:
     return json.loads(run_cli("status", "--json", data_dir=data_dir, env=cli_env()).stdout)
 
 
-def status_of(data_dir: Path, source: Path) -> dict[str, Any]:
-    found = [s for s in statuses(data_dir) if s["source"] == str(source)]
+def status_of(all_statuses: list[dict[str, Any]], source: Path) -> dict[str, Any]:
+    found = [s for s in all_statuses if s["source"] == str(source)]
     assert len(found) == 1, f"expected one batch from {source}, got {found}"
     return found[0]
 
@@ -150,17 +150,36 @@ def batch_is_closed(data_dir: Path, batch_id: str) -> bool:
                for s in statuses(data_dir))
 
 
-def all_groups_caught_up(data_dir: Path) -> bool:
-    """Every consumer group has committed past every message of its topic."""
+def group_lags(data_dir: Path, groups: tuple[str, ...] = tuple(GROUPS)) -> dict[str, int | None]:
+    """Messages after each group's committed positions, over all partitions of its topic
+    (None: the group has not committed anything yet)."""
     log = open_log(f"embedded://{(data_dir / 'log').resolve()}")
     try:
-        for group, topic in GROUPS.items():
+        lags: dict[str, int | None] = {}
+        for group in groups:
+            topic = GROUPS[group]
             positions = [gp for gp in log.group_positions(group) if gp.tp.topic == topic]
-            if len(positions) != len(log.partitions(topic)):
-                return False
-            if any(gp.lag for gp in positions):
-                return False
-        return True
+            lags[group] = (sum(gp.lag for gp in positions)
+                           if len(positions) == len(log.partitions(topic)) else None)
+        return lags
+    finally:
+        log.close()
+
+
+def caught_up(data_dir: Path, groups: tuple[str, ...] = tuple(GROUPS)) -> bool:
+    return all(lag == 0 for lag in group_lags(data_dir, groups).values())
+
+
+def events_of(data_dir: Path, batch_id: str, kind: str) -> list[dict[str, Any]]:
+    log = open_log(f"embedded://{(data_dir / 'log').resolve()}")
+    try:
+        out = []
+        for partition in log.partitions(EVENTS):
+            for msg in log.read(EVENTS, partition):
+                _schema, value = decode(msg.value)
+                if value["batch_id"] == batch_id and value["kind"] == kind:
+                    out.append(value)
+        return out
     finally:
         log.close()
 
@@ -293,11 +312,13 @@ def check_closed_once(data_dir: Path, batch_id: str, closed_at: int) -> None:
 
 
 def verify(data_dir: Path, history: list[Batch], fmt: str = "parquet") -> None:
-    """Every batch of `history` (in order) is closed once and delivered exactly once."""
+    """Every batch of `history` (in order) is closed once and delivered exactly once, and
+    every consumer group has committed all it consumed."""
+    all_statuses = statuses(data_dir)
     for i, batch in enumerate(history):
         start = expected_members((b.mode, b.rows) for b in history[:i])
         end = expected_members((b.mode, b.rows) for b in history[: i + 1])
-        status = status_of(data_dir, batch.path)
+        status = status_of(all_statuses, batch.path)
         changes = sum(status["applied"].values())
         status["changes_total"] = changes
         assert status["status"] == "closed", status
@@ -315,6 +336,9 @@ def verify(data_dir: Path, history: list[Batch], fmt: str = "parquet") -> None:
     assert members == expected, (f"warehouse holds {len(members)} members, expected "
                                  f"{len(expected)}: {len(set(members) - set(expected))} "
                                  f"extra, {len(set(expected) - set(members))} missing")
+    lags = group_lags(data_dir)
+    assert all(lag == 0 for lag in lags.values()), \
+        f"consumer groups left messages uncommitted after the batch closed: {lags}"
 
 
 # -- 1. crash points ---------------------------------------------------------------------------
@@ -324,17 +348,15 @@ CRASH_POINTS = [
     "import.publishing:8",
     "import.before_end_markers",
     "import.end_marker:2",  # between the 2nd and the 3rd end marker
-    "segments.after_outputs",
+    "segments.after_outputs",  # mid-processing: rows applied, end markers not yet
     "segments.after_changelog",
     "pipeline.after_outputs",
     "pipeline.after_changelog",
-    "sink-s3.after_chunk",  # a sink wrote, before anything committed
-    "sink-s3.after_chunk:7",
-    "sink-warehouse.after_chunk",
+    "sink-s3.after_chunk:7",  # a sink wrote a chunk, before anything committed
     "sink-warehouse.after_chunk:8",
-    "sink-s3.after_close",  # after the manifest, before sink_committed and the offset
+    "sink-s3.after_close",  # after a partition's manifest, before sink_committed
     "sink-s3.after_close:4",  # the last partition: after the batch manifest
-    "sink-warehouse.after_close:2",
+    "sink-warehouse.after_close:2",  # after a merge, before sink_committed
     "sink-warehouse.after_close:4",  # the last merge
 ]
 
@@ -357,7 +379,7 @@ def test_run_killed_at_crash_point_then_rerun_delivers_once(
     verify(data_dir, [batch])
 
 
-@pytest.mark.parametrize("crash_at", ["sink-s3.after_chunk:5", "segments.after_outputs"])
+@pytest.mark.parametrize("crash_at", ["sink-s3.after_chunk:5"])
 def test_run_killed_with_jsonl_objects(tmp_path: Path, inputs: dict[str, Batch],
                                        crash_at: str) -> None:
     data_dir = tmp_path / "data"
@@ -368,11 +390,10 @@ def test_run_killed_with_jsonl_objects(tmp_path: Path, inputs: dict[str, Batch],
 
 
 @pytest.mark.parametrize("crash_at", [
-    "import.end_marker:2",  # end markers of partitions 0 and 1 sent twice
-    "import.end_marker:3",
-    "segments.after_outputs:2",  # the checkpoint with the end-marker removals
+    "import.end_marker:2",  # end markers of partitions 0 and 1 are sent twice
+    "segments.after_outputs:2",  # the checkpoint that holds the end-marker removals
     "sink-warehouse.after_close:3",
-    "sink-s3.after_chunk:10",
+    "sink-s3.after_chunk:6",  # (8 chunks: ~25k changes per partition)
 ])
 def test_replace_batch_killed_then_rerun_removes_once(
         tmp_path: Path, inputs: dict[str, Batch], crash_at: str) -> None:
@@ -432,8 +453,10 @@ def test_worker_killed_at_checkpoint_restarted_and_stopped_cleanly(
     second = spawn("worker", data_dir=data_dir, env=cli_env(), name="worker-2")
     wait_for(lambda: batch_is_closed(data_dir, batch_id), 180, f"batch {batch_id} to close",
              interval=0.2)
-    # Closed in the status view; let the worker also deliver the last snapshots.
-    wait_for(lambda: all_groups_caught_up(data_dir), 60, "every consumer group to catch up")
+    # Closed in the status view (which folds events the pipeline processor may not have
+    # seen yet); let the worker also fold them and deliver the last snapshots.
+    delivery = ("processor-pipeline", "sink-s3", "sink-warehouse", "sink-warehouse-status")
+    wait_for(lambda: caught_up(data_dir, delivery), 60, f"groups {delivery} to catch up")
     assert second.poll() is None, output_of(tmp_path, "worker-2")
     second.send_signal(signal.SIGTERM)
     assert second.wait(timeout=10) == 0, output_of(tmp_path, "worker-2")
@@ -460,3 +483,52 @@ def test_same_file_twice_changes_nothing_and_reused_batch_id_is_refused(
     assert refused.returncode != 0
     assert "crash-dup-1" in refused.stdout + refused.stderr, refused.stderr
     verify(data_dir, [first])
+
+
+# -- 5. kills in the last steps of a batch, and what a kill leaves on disk ---------------------
+
+
+def test_run_again_after_kill_between_last_sink_commit_and_status_delivery(
+        tmp_path: Path, inputs: dict[str, Batch],
+        spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
+    """`streams run` killed after the sinks' last `sink_committed` events are on the log but
+    before the closed status reached the warehouse (all roles run in one process, so a kill
+    falls there as easily as anywhere). Rebuilt here deterministically with role workers:
+    the sinks finish the batch and are killed, then the pipeline processor folds the events,
+    emits the closed snapshot and is killed at `pipeline.after_outputs`. Running the same
+    `streams run` again must still close the batch everywhere: in the warehouse's
+    batch_status table, and in the pipeline's own table and offsets."""
+    data_dir = tmp_path / "data"
+    batch = inputs["first"]
+    imported = run_cli("import", "-q", str(batch.path), data_dir=data_dir, env=cli_env())
+    batch_id = batch_id_from_output(imported.stdout)
+
+    sinks = spawn("worker", "--roles", "segments,s3,warehouse", data_dir=data_dir,
+                  env=cli_env(), name="sinks")
+    wait_for(lambda: len(events_of(data_dir, batch_id, "sink_committed")) >= 2 * PARTITIONS
+             or sinks.poll() is not None, 120, "every sink to commit every partition",
+             interval=0.1)
+    sinks.send_signal(signal.SIGKILL)
+    assert sinks.wait(timeout=30) == KILLED, output_of(tmp_path, "sinks")
+
+    pipeline = spawn("worker", "--roles", "pipeline", data_dir=data_dir,
+                     env=cli_env("pipeline.after_outputs"), name="pipeline")
+    assert pipeline.wait(timeout=60) == KILLED, output_of(tmp_path, "pipeline")
+    assert batch_is_closed(data_dir, batch_id)
+
+    run_cli("run", "-q", str(batch.path), data_dir=data_dir, env=cli_env())
+    verify(data_dir, [batch])
+
+
+def test_killed_import_leaves_no_spool_file_behind(tmp_path: Path) -> None:
+    """The importer spools the whole file before publishing; a SIGKILLed import must not
+    leave that copy on disk forever once the batch has been finished by a rerun."""
+    data_dir = tmp_path / "data"
+    path = write_csv(tmp_path / "small.csv", random_rows(20_000, users=5_000, segments=3,
+                                                         seed=7))
+    args = ("run", "-q", str(path))
+    crashed = run_cli(*args, data_dir=data_dir, env=cli_env("import.publishing"), check=False)
+    assert crashed.returncode == KILLED, crashed.stderr
+    run_cli(*args, data_dir=data_dir, env=cli_env())
+    left = sorted(p.name for p in (data_dir / "spool").iterdir())
+    assert left == [], f"spool files left behind by the killed import: {left}"

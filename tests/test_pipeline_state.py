@@ -165,6 +165,22 @@ def test_import_failure_before_publishing() -> None:
     assert (s.status, s.failed_step, s.published_at) == ("failed", "import", None)
 
 
+def test_import_failure_keeps_rows_and_rejected() -> None:
+    """The importer's `failed` event carries the rows read and the rows rejected: the status
+    of a batch failed over its error budget should count them (DESIGN: bad rows are counted
+    in the batch status). Decoded BatchEvents carry every field, defaults 0."""
+    s = fold_all([submitted(1), failed(2, step="import", error="31 of 1000 rows rejected")
+                  | {"rows": 969, "rejected": 31}])
+    assert s is not None and s.status == "failed"
+    assert (s.rows, s.rejected) == (969, 31)
+
+
+def test_later_failure_keeps_the_published_counts() -> None:
+    s = fold_all([*lifecycle(2, SINKS)[:2], failed(900) | {"rows": 0, "rejected": 0}])
+    assert s is not None and s.status == "failed"
+    assert (s.rows, s.rejected) == (11, 2)
+
+
 def test_failed_after_closed_changes_nothing() -> None:
     closed = fold_all(lifecycle(1, SINKS))
     assert closed is not None and closed.status == "closed"

@@ -57,10 +57,21 @@ class GroupDir:
         _write_atomic(self._pos_path(tp), "none" if position is None else str(position))
 
     def join(self, member: str) -> int:
-        fd = _try_lock(self.dir / "members" / f"{member}.lock")
-        if fd is None:
-            raise RuntimeError(f"member id {member!r} is already running in group {self.group}")
-        return fd
+        path = self.dir / "members" / f"{member}.lock"
+        for _attempt in range(100):
+            fd = _try_lock(path)
+            if fd is None:
+                raise RuntimeError(f"member id {member!r} is already running in group "
+                                   f"{self.group}")
+            # Another member's sweep may have taken the file for a dead member's and deleted
+            # it between our open and our lock: then we hold a lock nobody can see. Retry.
+            try:
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    return fd
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        raise RuntimeError(f"could not join group {self.group} as {member!r}")
 
     def leave(self, member: str, fd: int) -> None:
         (self.dir / "members" / f"{member}.lock").unlink(missing_ok=True)

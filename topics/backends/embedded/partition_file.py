@@ -32,6 +32,9 @@ class CorruptLogError(Exception):
 
 def encode_frame(value: bytes, key: bytes | None, timestamp_ms: int) -> bytes:
     key_bytes = key or b""
+    if len(key_bytes) >= NO_KEY:
+        raise ValueError(f"key of {len(key_bytes)} bytes starting {key_bytes[:20]!r}: "
+                         f"keys must be shorter than {NO_KEY} bytes")
     key_len = NO_KEY if key is None else len(key_bytes)
     body = struct.pack("<qH", timestamp_ms, key_len) + key_bytes + value
     return struct.pack("<II", len(value), zlib.crc32(body)) + body
@@ -84,7 +87,11 @@ class PartitionFile:
     def truncate(self, position: int) -> None:
         """Cuts the file at a frame boundary: that frame and all later ones are gone."""
         with self._locked():
-            self.frame_end(position)  # raises unless a frame starts there
+            size = self.size()
+            if position != size and not [
+                f for f in self._frames(position, size, max_bytes=1) if f[0] == position
+            ]:
+                raise CorruptLogError(f"{self.path}: no frame starts at byte {position}")
             os.ftruncate(self._fd, position)
             self._clean_end = position
 
@@ -99,9 +106,11 @@ class PartitionFile:
         torn tail. Returns the clean end."""
         size = self.size()
         pos = self._clean_end if self._clean_end is not None else 0
+        if pos > size:  # another handle truncated the file (replay): verify from the start
+            pos = 0
         if pos == size:
             return pos
-        for _position, _ts, _key, _value, end in self._frames(pos, size, stop_at_bad=True):
+        for _position, _ts, _key, _value, end in self._frames(pos, size, max_bytes=size - pos):
             pos = end
         if pos != size:
             os.ftruncate(self._fd, pos)
@@ -114,7 +123,7 @@ class PartitionFile:
         """Complete frames from byte `start`: (position, ts, key, value, next position)."""
         size = self.size()
         out = []
-        for frame in self._frames(start, size, stop_at_bad=True, max_bytes=max_bytes):
+        for frame in self._frames(start, size, max_bytes=max_bytes):
             out.append(frame)
             if len(out) >= max_messages:
                 break
@@ -129,8 +138,10 @@ class PartitionFile:
         return position + HEADER.size + (0 if key_len == NO_KEY else key_len) + value_len
 
     def _frames(
-        self, pos: int, size: int, stop_at_bad: bool, max_bytes: int = READ_AHEAD
+        self, pos: int, size: int, max_bytes: int = READ_AHEAD
     ) -> Iterator[tuple[int, int, bytes | None, bytes, int]]:
+        """Valid frames from `pos`, stopping at an incomplete or torn tail. A bad frame
+        followed by valid ones is corruption, not a tail: that raises CorruptLogError."""
         budget = max_bytes
         while pos < size and budget > 0:
             chunk = os.pread(self._fd, min(READ_AHEAD, size - pos), pos)
@@ -143,8 +154,7 @@ class PartitionFile:
                 if end > len(chunk):
                     break
                 if zlib.crc32(view[off + 8 : end]) != crc:
-                    if pos + end < size and not stop_at_bad:
-                        raise CorruptLogError(f"{self.path}: bad checksum at {pos + off}")
+                    self._check_not_corrupt(pos + off, pos + end, size)
                     return  # a tail still being written, or torn
                 body = off + HEADER.size
                 key = None if key_len == NO_KEY else bytes(view[body : body + klen])
@@ -165,8 +175,23 @@ class PartitionFile:
                         pos += need
                         budget -= need
                         continue
+                    if pos + need <= size:
+                        self._check_not_corrupt(pos, pos + need, size)
                 return  # incomplete tail
             pos += off
+
+    def _check_not_corrupt(self, bad: int, after: int, size: int) -> None:
+        """A frame at `bad` failed its checksum. If a valid frame follows where it says it
+        ends, the bytes in between were damaged in place: refuse to read past or cut them."""
+        pos = after
+        while pos + HEADER.size <= size:
+            value_len, _crc, _ts, key_len = HEADER.unpack(os.pread(self._fd, HEADER.size, pos))
+            need = HEADER.size + (0 if key_len == NO_KEY else key_len) + value_len
+            if pos + need > size or self._whole_frame(pos, need) is None:
+                return  # garbage all the way: a torn tail
+            raise CorruptLogError(
+                f"{self.path}: the frame at byte {bad} fails its checksum but valid frames "
+                f"follow (at byte {pos}); the partition is damaged, not torn")
 
     def _whole_frame(
         self, pos: int, need: int
