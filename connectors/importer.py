@@ -25,7 +25,7 @@ from connectors.readers import file_checksum, read_chunks
 from connectors.rows import MODES, InputFileError, RowChunk
 from connectors.spool import Spool, spool_path
 from processors.events import batch_event
-from processors.pipeline_state import PUBLISHED, SUBMITTED, BatchStatus, PipelineState
+from processors.pipeline_state import FAILED, PUBLISHED, SUBMITTED, BatchStatus, PipelineState
 from streams.faults import crash_point
 from streams.outputs import OutputWriter
 from streams.state.table_reader import read_table
@@ -61,7 +61,7 @@ class ImportRequest:
 class ImportResult:
     batch_id: str
     checksum: str
-    outcome: str  # published | resumed | duplicate | failed
+    outcome: str  # published | resumed | duplicate | previously_failed | failed
     rows: int = 0
     rejected: int = 0
     partition_counts: list[int] = field(default_factory=list)
@@ -98,8 +98,9 @@ class Importer:
                 f"{status.checksum[:12]}...); {req.path} has sha256 {checksum[:12]}...: "
                 "choose another --batch-id")
         if status is not None and status.status not in (SUBMITTED, PUBLISHED):
-            return ImportResult(batch_id, checksum, "duplicate", status.rows, status.rejected,
-                                list(status.partition_counts))
+            outcome = "previously_failed" if status.status == FAILED else "duplicate"
+            return ImportResult(batch_id, checksum, outcome, status.rows, status.rejected,
+                                list(status.partition_counts), status.error)
         if status is not None and status.status == PUBLISHED:
             # Rows and counts are all on the topic; only end markers may be missing.
             self._end_markers(batch_id, req.mode, list(status.partition_counts), status.rows,

@@ -342,6 +342,16 @@ class DuckDBWarehouse:
 
         return self._transaction(f"merge {batch_id}/{partition}", body)
 
+    def reset_segments(self) -> None:
+        """Empties the membership, its staging and its ledger in one transaction, for a
+        replay from the beginning that rebuilds them (batch_status is kept)."""
+
+        def body(con: duckdb.DuckDBPyConnection) -> None:
+            for table in ("segment_members", "staged_changes", "load_ledger"):
+                con.execute(f"DELETE FROM {table}")
+
+        self._transaction("reset segment tables", body)
+
     # -- batch status -------------------------------------------------------------------
 
     def upsert_batch_status(self, rows: list[dict[str, Any]]) -> None:

@@ -103,6 +103,9 @@ def fold(status: BatchStatus | None, event: dict[str, Any]) -> BatchStatus | Non
             locations = {**locations, event["sink"]: event["location"]}
         status = replace(status, committed=committed, locations=locations)
     elif kind == "failed":
+        if status.status == SUBMITTED:  # failed at import: keep what the importer counted
+            status = replace(status, rows=event.get("rows", 0),
+                             rejected=event.get("rejected", 0))
         return replace(status, status=FAILED, failed_at=at, failed_step=event["step"],
                        error=event["error"], updated_at=at)
     else:

@@ -30,6 +30,8 @@ def encode_memberships(value: Memberships) -> str:
 
 
 def decode_memberships(text: str) -> Memberships:
+    if not text:
+        return ()
     return tuple(tuple(item.split(_PAIR_SEP, 1)) for item in text.split(_ITEM_SEP))  # type: ignore[misc]
 
 

@@ -121,6 +121,9 @@ def _print_import(result: ImportResult) -> None:
     if result.outcome == "duplicate":
         click.echo(f"batch {result.batch_id}: this file was already imported "
                    f"({result.rows:,} rows); nothing changed")
+    elif result.outcome == "previously_failed":
+        click.echo(f"batch {result.batch_id}: this file was imported before and that batch "
+                   "failed; nothing changed. To import it again, give it a new --batch-id")
     elif result.outcome == "resumed":
         click.echo(f"batch {result.batch_id}: resumed an interrupted import (end markers sent)")
     else:
@@ -155,7 +158,7 @@ def run(ctx: click.Context, file: str, quiet: bool, timeout: float | None, **opt
     pipe = _pipeline(ctx)
     try:
         result = _run_import(pipe, file, progress, **opts)
-        if result.outcome != "duplicate":
+        if result.outcome not in ("duplicate", "previously_failed"):
             _print_import(result)
         status = pipe.batches().get(result.batch_id)
         if status is None or not status.finished:
@@ -168,7 +171,7 @@ def run(ctx: click.Context, file: str, quiet: bool, timeout: float | None, **opt
                     f"batch {result.batch_id} is not finished (stopped or timed out); run the "
                     "same command again to finish it")
             status = pipe.batches()[result.batch_id]
-        elif result.outcome == "duplicate":
+        else:
             _print_import(result)
         _print_summary(status, progress.started)
         if status.status == "failed":

@@ -24,7 +24,7 @@ from processors.pipeline_state import BatchStatus, PipelineState
 from processors.segments import AudienceSegments
 from streams.outputs import OutputWriter
 from streams.processor_task import ProcessorTask
-from streams.replay import SinkGroup, plan, rewind
+from streams.replay import SinkGroup, check_stopped, plan, rewind
 from streams.settings import Settings
 from streams.sink_task import SinkTask
 from streams.state.table_reader import read_table
@@ -99,9 +99,12 @@ class Pipeline:
         segments = AudienceSegments()
         sinks = [SinkGroup(group_of(r), CHANGES) for r in SINKS]
         replay_plan = plan(self.log, segments.input_topic, start)
-        rewind(self.log, segments, group_of("segments"), sinks, replay_plan)
+        # Nothing changes unless every worker is stopped; then the warehouse is reset
+        # before the log is rewound, so a failure leaves the log as it was.
+        check_stopped(self.log, [group_of("segments"), *(s.group for s in sinks)])
         if start == "earliest":
             self.warehouse.reset_segments()
+        rewind(self.log, segments, group_of("segments"), sinks, replay_plan)
         worker = self.worker(("segments", "s3", "warehouse"))
         seen = -1
 

@@ -63,13 +63,17 @@ def _int(text: str) -> int:
         raise ValueError(f"--from position:{text}: expected a whole number") from None
 
 
-def rewind(log: Log, processor: Processor, group: str, sinks: list[SinkGroup],
-           replay: ReplayPlan) -> None:
-    busy = {g: log.active_members(g) for g in [group, *(s.group for s in sinks)]}
+def check_stopped(log: Log, groups: list[str]) -> None:
+    busy = {g: log.active_members(g) for g in groups}
     busy = {g: members for g, members in busy.items() if members}
     if busy:
         raise GroupBusyError("stop the workers first; running members: " + "; ".join(
             f"{g}: {', '.join(m)}" for g, m in busy.items()))
+
+
+def rewind(log: Log, processor: Processor, group: str, sinks: list[SinkGroup],
+           replay: ReplayPlan) -> None:
+    check_stopped(log, [group, *(s.group for s in sinks)])
     for partition, start in replay.starts.items():
         if start is None:
             continue

@@ -166,7 +166,9 @@ def run_three(data_dir: Path, fmt: str, batches: list[tuple[str, str, Path, list
         assert {p: c for p, c in got.items() if c} == want
         changes[batch_id] = sum(map(len, want.values()))
     if check:
-        for status in statuses(data_dir):
+        found = statuses(data_dir)
+        assert [st["batch_id"] for st in found] == [b[0] for b in batches]  # by submission
+        for status in found:
             assert status["status"] == "closed"
             assert sum(status["applied"].values()) == changes[status["batch_id"]]
             assert status["locations"]["s3"] == \
