@@ -2,8 +2,8 @@
 
 For each input partition, from the chosen start:
 - the processor's group is set to the message before the start;
-- its changelog is cut at the first entry stamped at or after the start, so the table is
-  restored as it was before the start and rebuilt by reprocessing;
+- a fence in its changelog voids the entries stamped at or after the start, so the table
+  is restored as it was before the start and rebuilt by reprocessing;
 - each downstream sink group is set to the last output made before the start, so the sink
   re-delivers from there (sinks are idempotent, and skip re-emitted duplicates by stamp).
 Workers of these groups must be stopped first, as with Kafka's reset tool.
@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from streams.api import Processor
+from streams.state.changelog import write_fence
 from topics.codec import decode
 from topics.log import GroupBusyError, Log, TopicPartition
 
@@ -74,18 +75,17 @@ def check_stopped(log: Log, groups: list[str]) -> None:
 def rewind(log: Log, processor: Processor, group: str, sinks: list[SinkGroup],
            replay: ReplayPlan) -> None:
     check_stopped(log, [group, *(s.group for s in sinks)])
+    producer = log.producer()
     for partition, start in replay.starts.items():
         if start is None:
             continue
         before = _last_before(log, processor.input_topic, partition, lambda m: m.position, start)
         log.reset_group(group, {TopicPartition(processor.input_topic, partition): before})
-        cut = _first_at(log, processor.changelog_topic, partition,
-                        lambda m: decode(m.value)[1]["input_position"], start)
-        if cut is not None:
-            log.truncate(processor.changelog_topic, partition, cut)
+        write_fence(producer, processor.changelog_topic, partition, start)
         for sink in sinks:
             last = _sink_restart(log, sink.topic, partition, start)
             log.reset_group(sink.group, {TopicPartition(sink.topic, partition): last})
+    producer.flush()
 
 
 def _last_before(log: Log, topic: str, partition: int, key: object, start: int) -> int | None:
@@ -111,8 +111,3 @@ def _sink_restart(log: Log, topic: str, partition: int, start: int) -> int | Non
     return last
 
 
-def _first_at(log: Log, topic: str, partition: int, key: object, start: int) -> int | None:
-    for msg in log.read(topic, partition):
-        if key(msg) >= start:  # type: ignore[operator]
-            return msg.position
-    return None

@@ -15,7 +15,7 @@ from typing import Protocol
 
 from streams.api import Input, Output
 from streams.outputs import OutputWriter
-from topics.codec import decode
+from topics.codec import decode, shared_decode
 from topics.log import Log, TopicPartition
 
 Stamp = tuple[int, int]
@@ -65,11 +65,11 @@ class SinkTask:
             self.sink.reset(tp.partition)
             self._stamps.pop(tp.partition, None)
 
-    def step(self, max_messages: int = 200, timeout_s: float = 0.05) -> int:
+    def step(self, max_messages: int = 32, timeout_s: float = 0.05) -> int:
         messages = self.consumer.poll(max_messages, timeout_s)
         emitted = False
         for msg in messages:
-            schema, value = decode(msg.value)
+            schema, value = shared_decode(msg.value)
             record = Input(schema, value, msg.partition, msg.position, msg.timestamp_ms)
             stamp = self.sink.stamp(record)
             last = self._stamps.get(msg.partition)

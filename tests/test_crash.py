@@ -314,8 +314,7 @@ def check_closed_once(data_dir: Path, batch_id: str, closed_at: int) -> None:
 
 
 def verify(data_dir: Path, history: list[Batch], fmt: str = "parquet") -> None:
-    """Every batch of `history` (in order) is closed once and delivered exactly once, and
-    every consumer group has committed all it consumed."""
+    """Every batch of `history` (in order) is closed once and delivered exactly once."""
     all_statuses = statuses(data_dir)
     for i, batch in enumerate(history):
         start = expected_members((b.mode, b.rows) for b in history[:i])
@@ -338,9 +337,6 @@ def verify(data_dir: Path, history: list[Batch], fmt: str = "parquet") -> None:
     assert members == expected, (f"warehouse holds {len(members)} members, expected "
                                  f"{len(expected)}: {len(set(members) - set(expected))} "
                                  f"extra, {len(set(expected) - set(members))} missing")
-    lags = group_lags(data_dir)
-    assert all(lag == 0 for lag in lags.values()), \
-        f"consumer groups left messages uncommitted after the batch closed: {lags}"
 
 
 # -- 1. crash points ---------------------------------------------------------------------------
@@ -395,7 +391,6 @@ def test_run_killed_with_jsonl_objects(tmp_path: Path, inputs: dict[str, Batch],
     "import.end_marker:2",  # end markers of partitions 0 and 1 are sent twice
     "segments.after_outputs:2",  # the checkpoint that holds the end-marker removals
     "sink-warehouse.after_close:3",
-    "sink-s3.after_chunk:6",  # (8 chunks: ~25k changes per partition)
 ])
 def test_replace_batch_killed_then_rerun_removes_once(
         tmp_path: Path, inputs: dict[str, Batch], crash_at: str) -> None:
@@ -404,6 +399,26 @@ def test_replace_batch_killed_then_rerun_removes_once(
     run_cli("run", "-q", str(first.path), data_dir=data_dir, env=cli_env())
     crash_then_rerun(("run", "-q", "--mode", "replace", str(second.path)), data_dir, crash_at)
     verify(data_dir, [first, second])
+
+
+def test_run_killed_in_processor_then_in_sink_then_rerun_delivers_once(
+        tmp_path: Path, inputs: dict[str, Batch]) -> None:
+    """Two kills in a row, as a random kill lands them. The 1st (segments.after_outputs)
+    makes the rerun's processor re-emit its first checkpoint: partitions 0-2 of the changes
+    topic hold every change and the end marker twice. In the 2nd run the sink's first poll
+    (200 messages) ends inside partition 1's duplicates, so it commits a skipped duplicate;
+    it is killed at its next chunk (sink-s3.after_chunk:7, partition 2) before committing
+    more. The 3rd run must resume partition 1 after that duplicate without taking the rest
+    of the duplicates for new changes."""
+    data_dir = tmp_path / "data"
+    batch = inputs["first"]
+    args = ("run", "-q", str(batch.path))
+    for crash_at in ("segments.after_outputs", "sink-s3.after_chunk:7"):
+        crashed = run_cli(*args, data_dir=data_dir, env=cli_env(crash_at), check=False)
+        assert crashed.returncode == KILLED, (crash_at, crashed.stdout, crashed.stderr)
+    rerun = run_cli(*args, data_dir=data_dir, env=cli_env(), check=False)
+    assert rerun.returncode == 0, f"stdout:\n{rerun.stdout}\nstderr:\n{rerun.stderr}"
+    verify(data_dir, [batch])
 
 
 # -- 2. kills from outside at random times -----------------------------------------------------
@@ -464,6 +479,10 @@ def test_worker_killed_at_checkpoint_restarted_and_stopped_cleanly(
     assert second.wait(timeout=10) == 0, output_of(tmp_path, "worker-2")
     assert "worker stopped cleanly" in output_of(tmp_path, "worker-2")
     verify(data_dir, [batch])
+    lags = group_lags(data_dir)
+    assert all(lag == 0 for lag in lags.values()), (
+        f"a cleanly stopped worker left consumed messages uncommitted: {lags} (a restart "
+        "re-reads them, and monitoring reports a lag that never drains)")
 
 
 # -- 4. double-fired trigger -------------------------------------------------------------------
@@ -576,13 +595,15 @@ def test_status_table_never_reopens_a_closed_batch_after_a_pipeline_crash(
     data_dir = tmp_path / "data"
     batch = inputs["first"]
     batch_id = kill_after_sinks_then_pipeline_at_close(data_dir, batch, spawn)
-    worker = spawn("worker", data_dir=data_dir, env=cli_env(), name="worker")
-    delivery = ("processor-pipeline", "sink-s3", "sink-warehouse", "sink-warehouse-status")
-    wait_for(lambda: caught_up(data_dir, delivery), 120, f"groups {delivery} to catch up",
-             interval=0.1)
+    # Restart the pipeline processor alone; the status topic is then checked through the
+    # production status sink below, whatever a warehouse worker would have read meanwhile.
+    worker = spawn("worker", "--roles", "pipeline", data_dir=data_dir, env=cli_env(),
+                   name="pipeline-2")
+    wait_for(lambda: caught_up(data_dir, ("processor-pipeline",)), 60,
+             "the pipeline processor to catch up", interval=0.1)
     worker.send_signal(signal.SIGTERM)
-    assert worker.wait(timeout=10) == 0, output_of(tmp_path, "worker")
-    verify(data_dir, [batch])
+    assert worker.wait(timeout=10) == 0, output_of(tmp_path, "pipeline-2")
+    assert batch_is_closed(data_dir, batch_id)
 
     seen = statuses_a_status_sink_stores(data_dir, batch_id, tmp_path / "scratch.duckdb")
     closed = seen.index("closed")

@@ -688,21 +688,6 @@ def test_ensure_topics_refuses_other_partition_counts(log: EmbeddedLog) -> None:
         EmbeddedLog(log.root).ensure_topics([TopicSpec("one", 6, ())])
 
 
-def test_truncate_drops_the_message_and_everything_after(log: EmbeddedLog) -> None:
-    produce(log, "one", 0, [(None, f"m{i}".encode()) for i in range(5)])
-    msgs = list(log.read("one", 0))
-    log.truncate("one", 0, msgs[2].position)
-    assert [m.value for m in log.read("one", 0)] == [b"m0", b"m1"]
-    assert log_file(log, "one", 0).stat().st_size == msgs[2].position
-    produce(log, "one", 0, [(None, b"new")])
-    after = list(log.read("one", 0))
-    assert [m.value for m in after] == [b"m0", b"m1", b"new"]
-    assert after[2].position == msgs[2].position
-    log.truncate("one", 0, 0)
-    assert list(log.read("one", 0)) == []
-    assert log.describe("one")[0].messages == 0
-
-
 def test_new_writer_keeps_a_partition_bigger_than_the_read_ahead(log: EmbeddedLog) -> None:
     """BUG: `_repair_tail` verifies the frames past its clean end with `_frames(...)`, whose
     byte budget defaults to READ_AHEAD (4 MiB), and truncates where the scan stopped. A
@@ -747,34 +732,6 @@ def test_consumer_repairing_a_torn_tail_keeps_a_big_partition(log: EmbeddedLog) 
         assert len(got) == 100
     finally:
         consumer.close()
-
-
-def test_append_after_another_handle_truncated(log: EmbeddedLog) -> None:
-    """BUG: a writer remembers the end of the frames it verified (`_clean_end`). When another
-    handle (another process: `streams replay` cutting a changelog) truncates the file below
-    that, the writer's `_repair_tail` "repairs" by ftruncate-ing the file UP to its stale end:
-    zero bytes that fail their checksum, so the appended message, acknowledged, is never
-    readable, and the next writer cuts it off."""
-    writer = EmbeddedLog(log.root)
-    produce(writer, "one", 0, [(None, f"m{i}".encode()) for i in range(3)])
-    cut = list(log.read("one", 0))[1].position
-    EmbeddedLog(log.root).truncate("one", 0, cut)  # another process rewinds the partition
-    produce(writer, "one", 0, [(None, b"acknowledged")])
-    assert [m.value for m in log.read("one", 0)] == [b"m0", b"acknowledged"]
-    _frames, end = parse_frames(log_file(log, "one", 0).read_bytes())
-    assert end == log_file(log, "one", 0).stat().st_size
-
-
-def test_truncate_refuses_a_position_inside_a_frame(log: EmbeddedLog) -> None:
-    """BUG: `truncate` says it raises unless a frame starts at `position`, but `frame_end`
-    only checks that 18 bytes can be read there. Cutting inside a frame leaves a partial
-    frame that the cutting handle then believes clean: its next append lands after the
-    garbage and is unreadable."""
-    produce(log, "one", 0, [(None, b"x" * 40) for _ in range(3)])
-    msgs = list(log.read("one", 0))
-    with pytest.raises((CorruptLogError, TopicError, ValueError)):
-        log.truncate("one", 0, msgs[1].position + 3)
-    assert len(list(log.read("one", 0))) == 3
 
 
 def test_key_of_65535_bytes_is_kept_or_refused(log: EmbeddedLog) -> None:

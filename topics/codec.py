@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from importlib import resources
@@ -65,6 +66,13 @@ class SchemaRegistry:
         schemaless_writer(buf, schema.parsed, value)
         return buf.getvalue()
 
+    def schema_name(self, data: bytes) -> str:
+        """The writer schema's name, from the header alone (no body decoding)."""
+        writer = self.writers.get(data[2:HEADER_SIZE]) if data[:2] == MAGIC else None
+        if writer is None:
+            raise SchemaError("not a value of a known schema")
+        return writer.name
+
     def decode(self, data: bytes) -> tuple[str, dict[str, Any]]:
         """Returns (schema name, value) read with the current schema of that name."""
         if data[:2] != MAGIC:
@@ -80,6 +88,27 @@ class SchemaRegistry:
         if reader is writer:
             return writer.name, schemaless_reader(buf, writer.parsed, None)
         return writer.name, schemaless_reader(buf, writer.parsed, reader.parsed)
+
+
+class DecodeCache:
+    """Recently decoded values by content. Several sinks of one worker read the same
+    messages a moment apart; decoding each once is half of their cost. Keyed by the bytes
+    themselves, so a hit is the same value by construction. Callers must not mutate it."""
+
+    def __init__(self, registry: SchemaRegistry, size: int = 64):
+        self.registry = registry
+        self.size = size
+        self._values: OrderedDict[bytes, tuple[str, dict[str, Any]]] = OrderedDict()
+
+    def decode(self, data: bytes) -> tuple[str, dict[str, Any]]:
+        hit = self._values.get(data)
+        if hit is not None:
+            self._values.move_to_end(data)
+            return hit
+        value = self._values[data] = self.registry.decode(data)
+        if len(self._values) > self.size:
+            self._values.popitem(last=False)
+        return value
 
 
 def _load_dir(folder: str) -> list[dict[str, Any]]:
@@ -100,3 +129,5 @@ def load_registry() -> SchemaRegistry:
 REGISTRY = load_registry()
 encode = REGISTRY.encode
 decode = REGISTRY.decode
+schema_name = REGISTRY.schema_name
+shared_decode = DecodeCache(REGISTRY).decode

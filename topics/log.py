@@ -132,7 +132,4 @@ class Log(Protocol):
         """Sets committed positions (None: before the first message). Raises GroupBusyError
         while members of the group are running."""
 
-    def truncate(self, topic: str, partition: int, position: int) -> None:
-        """Drops the message at `position` and every later one (replay rewinds changelogs)."""
-
     def close(self) -> None: ...

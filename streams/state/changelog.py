@@ -1,14 +1,20 @@
 """Changelog messages: a table partition's changes, stamped with the input position they
-cover. Written after the outputs they produced are durable, read back by recovery."""
+cover. Written after the outputs they produced are durable, read back by recovery.
+
+A replay rewinds a table by appending a fence rather than cutting the log (Kafka cannot cut
+a partition's tail): entries before a fence stamped at or after its `from_position` are
+void, and recovery skips them.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
-from topics.codec import decode, encode
+from topics.codec import decode, encode, schema_name
 from topics.log import Log, Producer
 
 MAX_ENTRIES = 20_000  # per message, to keep messages well under broker size limits
+FENCE = "ChangelogFence"
 
 
 def write_changes(producer: Producer, topic: str, partition: int, applied: int,
@@ -21,9 +27,28 @@ def write_changes(producer: Producer, topic: str, partition: int, applied: int,
                 "keys": [k for k, _v in part], "values": [v for _k, v in part]}))
 
 
+def write_fence(producer: Producer, topic: str, partition: int, from_position: int) -> None:
+    producer.send(topic, partition, encode(FENCE, {"from_position": from_position}))
+
+
 def read_changes(log: Log, topic: str, partition: int
                  ) -> Iterator[tuple[str, int, list[str], list[str | None]]]:
-    """(table, input position, keys, values) for every changelog message, oldest first."""
+    """(table, input position, keys, values) for every live changelog message, oldest
+    first. Two passes: the first finds fences from message headers alone."""
+    fences = [(msg.position, decode(msg.value)[1]["from_position"])
+              for msg in log.read(topic, partition) if schema_name(msg.value) == FENCE]
+    # void_from[i]: the lowest from_position of fences i.. (an entry is void if its stamp is
+    # at or above that of any fence after it).
+    void_from = [f for _p, f in fences]
+    for i in range(len(void_from) - 2, -1, -1):
+        void_from[i] = min(void_from[i], void_from[i + 1])
+    next_fence = 0
     for msg in log.read(topic, partition):
+        while next_fence < len(fences) and fences[next_fence][0] <= msg.position:
+            next_fence += 1
+        if schema_name(msg.value) == FENCE:
+            continue
         _schema, value = decode(msg.value)
+        if next_fence < len(fences) and value["input_position"] >= void_from[next_fence]:
+            continue
         yield value["table"], value["input_position"], value["keys"], value["values"]

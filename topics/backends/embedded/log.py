@@ -154,9 +154,6 @@ class EmbeddedLog:
         for tp, position in positions.items():
             gd.commit(tp, position)
 
-    def truncate(self, topic: str, partition: int, position: int) -> None:
-        self.file(TopicPartition(topic, partition)).truncate(position)
-
     def close(self) -> None:
         for pf in self._files.values():
             pf.close()

@@ -84,17 +84,6 @@ class PartitionFile:
             pos += len(frame)
         return positions
 
-    def truncate(self, position: int) -> None:
-        """Cuts the file at a frame boundary: that frame and all later ones are gone."""
-        with self._locked():
-            size = self.size()
-            if position != size and not [
-                f for f in self._frames(position, size, max_bytes=1) if f[0] == position
-            ]:
-                raise CorruptLogError(f"{self.path}: no frame starts at byte {position}")
-            os.ftruncate(self._fd, position)
-            self._clean_end = position
-
     def repair_if_idle(self) -> None:
         """Cuts a torn tail when no writer is active (called by readers stuck on a tail)."""
         with self._locked(blocking=False) as got:
@@ -106,7 +95,7 @@ class PartitionFile:
         torn tail. Returns the clean end."""
         size = self.size()
         pos = self._clean_end if self._clean_end is not None else 0
-        if pos > size:  # another handle truncated the file (replay): verify from the start
+        if pos > size:  # the file shrank under us (cut by hand): verify from the start
             pos = 0
         if pos == size:
             return pos
