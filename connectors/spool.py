@@ -8,6 +8,8 @@ import struct
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
+
 _HEAD = struct.Struct("<HI")
 
 
@@ -45,4 +47,10 @@ class Spool:
 
 
 def spool_path(folder: Path, batch_id: str) -> Path:
+    """This process's spool for a batch; spools of the batch left by dead processes (a
+    killed import) are removed."""
+    for old in folder.glob(f"{batch_id}.*.spool"):
+        pid = old.name.removesuffix(".spool").rsplit(".", 1)[-1]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            old.unlink(missing_ok=True)
     return folder / f"{batch_id}.{os.getpid()}.spool"

@@ -21,7 +21,9 @@ class StatusTableSink:
         self.warehouse = warehouse
 
     def stamp(self, record: Input) -> tuple[int, int]:
-        return record.position, 0  # snapshots are not re-emitted in bulk: position will do
+        # Snapshots are re-emitted after a pipeline crash; the event position they came from
+        # rises along the partition (events and snapshots are both keyed by batch id).
+        return record.value["source_position"], 0
 
     def process(self, record: Input) -> list[Output]:
         status = json.loads(record.value["json"])

@@ -139,4 +139,5 @@ class PipelineState:
         batches.set(after.batch_id, after)
         return [Output(BATCH_STATUS, "BatchStatus",
                        {"batch_id": after.batch_id, "status": after.status,
-                        "json": after.to_json()}, key=after.batch_id)]
+                        "json": after.to_json(), "source_position": record.position},
+                       key=after.batch_id)]

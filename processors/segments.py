@@ -25,14 +25,35 @@ Memberships = tuple[tuple[str, str], ...]
 _PAIR_SEP, _ITEM_SEP = "\x1f", "\x1e"  # control characters never pass import validation
 
 
+_PAIR_TEXT: dict[tuple[str, str], str] = {}
+
+
+def _pair_text(pair: tuple[str, str]) -> str:
+    text = _PAIR_TEXT.get(pair)
+    if text is None:
+        if len(_PAIR_TEXT) > 100_000:  # pairs are (segment, batch): few, but bound it anyway
+            _PAIR_TEXT.clear()
+        text = _PAIR_TEXT[pair] = f"{pair[0]}{_PAIR_SEP}{pair[1]}"
+    return text
+
+
 def encode_memberships(value: Memberships) -> str:
-    return _ITEM_SEP.join(f"{seg}{_PAIR_SEP}{batch}" for seg, batch in value)
+    if len(value) == 1:
+        return _pair_text(value[0])
+    return _ITEM_SEP.join(map(_pair_text, value))
 
 
 def decode_memberships(text: str) -> Memberships:
     if not text:
         return ()
     return tuple(tuple(item.split(_PAIR_SEP, 1)) for item in text.split(_ITEM_SEP))  # type: ignore[misc]
+
+
+def _index_of(current: Memberships, segment: str) -> int:
+    for i, (s, _batch) in enumerate(current):
+        if s == segment:
+            return i
+    return -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,33 +112,46 @@ class AudienceSegments:
         out_segments: list[str] = []
         out_ops: list[str] = []
         out_seqs: list[int] = []
-        get, put, drop, pair = members.get, members.set, members.delete, self._pair
+        out_user, out_segment = out_users.append, out_segments.append
+        out_op, out_seq = out_ops.append, out_seqs.append
+        get, put, drop = members.get, members.set, members.delete
+        pair_of: dict[str, tuple[str, str]] = {}  # segment -> its (segment, batch) pair
         for seq, user, segment, op in zip(v["seqs"], v["user_ids"], v["segment_ids"], v["ops"],
                                           strict=True):
             if seq <= max_seq:
                 continue  # a duplicate delivery of a row already applied
             max_seq = seq
             applied += 1
-            current = get(user) or ()
-            index = next((i for i, (s, _b) in enumerate(current) if s == segment), -1)
-            if op == "add":
-                if index >= 0:
-                    if reaffirm and current[index][1] != batch_id:
-                        # A replace batch re-affirms a member so that its end marker keeps it.
-                        put(user, (*current[:index], pair(segment, batch_id),
-                                   *current[index + 1 :]))
+            current = get(user)
+            if current is None:  # the common case of a large import: a new user
+                if op != "add":
                     continue
-                put(user, (*current, pair(segment, batch_id)))
-            elif index < 0:
-                continue
-            elif len(current) > 1:
-                put(user, current[:index] + current[index + 1 :])
+                pair = pair_of.get(segment) or pair_of.setdefault(
+                    segment, self._pair(segment, batch_id))
+                put(user, (pair,))
             else:
-                drop(user)
-            out_users.append(user)
-            out_segments.append(segment)
-            out_ops.append(op)
-            out_seqs.append(seq)
+                index = _index_of(current, segment)
+                if op == "add":
+                    if index >= 0:
+                        if reaffirm and current[index][1] != batch_id:
+                            # A replace batch re-affirms a member so its end marker keeps it.
+                            pair = pair_of.get(segment) or pair_of.setdefault(
+                                segment, self._pair(segment, batch_id))
+                            put(user, (*current[:index], pair, *current[index + 1 :]))
+                        continue
+                    pair = pair_of.get(segment) or pair_of.setdefault(
+                        segment, self._pair(segment, batch_id))
+                    put(user, (*current, pair))
+                elif index < 0:
+                    continue
+                elif len(current) > 1:
+                    put(user, current[:index] + current[index + 1 :])
+                else:
+                    drop(user)
+            out_user(user)
+            out_segment(segment)
+            out_op(op)
+            out_seq(seq)
         batches.set(batch_id, BatchProgress(max_seq, applied, progress.changes + len(out_users)))
         if not out_users:
             return []

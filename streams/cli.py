@@ -160,18 +160,18 @@ def run(ctx: click.Context, file: str, quiet: bool, timeout: float | None, **opt
         result = _run_import(pipe, file, progress, **opts)
         if result.outcome not in ("duplicate", "previously_failed"):
             _print_import(result)
-        status = pipe.batches().get(result.batch_id)
-        if status is None or not status.finished:
-            worker = pipe.worker()
-            worker.install_signal_handlers()
-            done = _batch_finished(pipe, worker, result.batch_id)
-            tick = _run_progress(progress, worker)
-            if not worker.run(until=done, on_tick=tick, timeout_s=timeout):
-                raise click.ClickException(
-                    f"batch {result.batch_id} is not finished (stopped or timed out); run the "
-                    "same command again to finish it")
-            status = pipe.batches()[result.batch_id]
-        else:
+        # Always run the worker until its own batch table says finished: events of the batch
+        # may still wait to be applied, or snapshots to be delivered, after a crash.
+        worker = pipe.worker()
+        worker.install_signal_handlers()
+        done = _batch_finished(pipe, worker, result.batch_id)
+        if not worker.run(until=done, on_tick=_run_progress(progress, worker),
+                          timeout_s=timeout):
+            raise click.ClickException(
+                f"batch {result.batch_id} is not finished (stopped or timed out); run the "
+                "same command again to finish it")
+        status = pipe.batches()[result.batch_id]
+        if result.outcome in ("duplicate", "previously_failed"):
             _print_import(result)
         _print_summary(status, progress.started)
         if status.status == "failed":

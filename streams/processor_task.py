@@ -66,7 +66,10 @@ class ProcessorTask:
         for msg in messages:
             store = self.stores[msg.partition]
             if store.applied is not None and msg.position <= store.applied:
-                continue  # applied before a crash: the changelog already holds its effect
+                # Applied before a crash: the changelog holds its effect; only the offset
+                # commit is missing.
+                self._uncommitted[msg.tp] = msg.position
+                continue
             schema, value = decode(msg.value)
             record = Input(schema, value, msg.partition, msg.position, msg.timestamp_ms)
             for out in process(store.views, record):

@@ -4,8 +4,8 @@ Sinks see each input at least once and may see a processor's outputs twice (re-e
 after a processor crash). Every value a sink reads carries a stamp that rises along its
 partition (the source position it was made from); values at or below the last stamp seen
 are skipped. Offsets are committed only where the sink says it holds no buffered work, and
-after the events it emitted are durable; on restart the stamp of the message at the
-committed position says where deduplication resumes.
+after the events it emitted are durable, with the highest stamp seen stored beside them as
+commit metadata: that is where deduplication resumes after a restart.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Protocol
 
 from streams.api import Input, Output
 from streams.outputs import OutputWriter
-from topics.codec import decode, shared_decode
+from topics.codec import shared_decode
 from topics.log import Log, TopicPartition
 
 Stamp = tuple[int, int]
@@ -37,6 +37,17 @@ class Sink(Protocol):
         """Drops buffered work of a partition (it moved, or is being re-read)."""
 
 
+def _format_stamp(stamp: Stamp | None) -> str:
+    return "" if stamp is None else f"stamp={stamp[0]},{stamp[1]}"
+
+
+def _parse_stamp(text: str) -> Stamp | None:
+    if not text.startswith("stamp="):
+        return None
+    first, second = text.removeprefix("stamp=").split(",")
+    return int(first), int(second)
+
+
 class SinkTask:
     def __init__(self, log: Log, sink: Sink, outputs: OutputWriter, group: str, member: str = ""):
         self.log = log
@@ -50,14 +61,7 @@ class SinkTask:
     def on_assigned(self, tps: Sequence[TopicPartition]) -> None:
         for tp in tps:
             self.sink.reset(tp.partition)
-            committed = self.consumer.committed(tp)
-            stamp = None
-            if committed is not None:
-                msg = self.log.read_at(tp.topic, tp.partition, committed)
-                schema, value = decode(msg.value)
-                stamp = self.sink.stamp(Input(schema, value, tp.partition, msg.position,
-                                              msg.timestamp_ms))
-            self._stamps[tp.partition] = stamp
+            self._stamps[tp.partition] = _parse_stamp(self.consumer.committed_metadata(tp))
 
     def on_revoked(self, tps: Sequence[TopicPartition]) -> None:
         self.checkpoint()
@@ -88,7 +92,10 @@ class SinkTask:
         self.outputs.flush()
         if self._committable:
             committable, self._committable = self._committable, {}
-            self.consumer.commit(committable)
+            # The highest stamp seen goes with the position: duplicates committed past may
+            # stamp lower than what was applied, so the position alone cannot say it.
+            stamps = {tp: _format_stamp(self._stamps.get(tp.partition)) for tp in committable}
+            self.consumer.commit(committable, stamps)
 
     def close(self) -> None:
         self.consumer.close()

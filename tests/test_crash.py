@@ -405,11 +405,11 @@ def test_run_killed_in_processor_then_in_sink_then_rerun_delivers_once(
         tmp_path: Path, inputs: dict[str, Batch]) -> None:
     """Two kills in a row, as a random kill lands them. The 1st (segments.after_outputs)
     makes the rerun's processor re-emit its first checkpoint: partitions 0-2 of the changes
-    topic hold every change and the end marker twice. In the 2nd run the sink's first poll
-    (200 messages) ends inside partition 1's duplicates, so it commits a skipped duplicate;
-    it is killed at its next chunk (sink-s3.after_chunk:7, partition 2) before committing
-    more. The 3rd run must resume partition 1 after that duplicate without taking the rest
-    of the duplicates for new changes."""
+    topic hold every change and the end marker twice. In the 2nd run the sink's polls end
+    inside the duplicates, so it commits a skipped duplicate (one whose stamp is below the
+    end marker it already applied); it is killed at a later chunk (sink-s3.after_chunk:7,
+    partition 2) before committing past the duplicates. The 3rd run must resume after that
+    duplicate without taking the rest of the duplicates for a new run of the batch."""
     data_dir = tmp_path / "data"
     batch = inputs["first"]
     args = ("run", "-q", str(batch.path))

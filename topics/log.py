@@ -89,10 +89,15 @@ class Consumer(Protocol):
     def seek_after(self, tp: TopicPartition, position: int | None) -> None:
         """Next poll returns messages after `position` (None: from the beginning)."""
 
-    def commit(self, positions: dict[TopicPartition, int]) -> None:
-        """Records the last processed position per partition, durably."""
+    def commit(self, positions: dict[TopicPartition, int],
+               metadata: dict[TopicPartition, str] | None = None) -> None:
+        """Records the last processed position per partition, durably, with an optional
+        short string stored beside it (Kafka's commit metadata)."""
 
     def committed(self, tp: TopicPartition) -> int | None: ...
+
+    def committed_metadata(self, tp: TopicPartition) -> str:
+        """The metadata of the last commit ("" if none, or after a reset)."""
 
     def close(self) -> None: ...
 
@@ -129,7 +134,7 @@ class Log(Protocol):
     def active_members(self, group: str) -> list[str]: ...
 
     def reset_group(self, group: str, positions: dict[TopicPartition, int | None]) -> None:
-        """Sets committed positions (None: before the first message). Raises GroupBusyError
-        while members of the group are running."""
+        """Sets committed positions (None: before the first message) and clears their
+        metadata. Raises GroupBusyError while members of the group are running."""
 
     def close(self) -> None: ...

@@ -46,15 +46,26 @@ class GroupDir:
     def _owner_path(self, tp: TopicPartition) -> Path:
         return self.dir / tp.topic / f"{tp.partition}.owner"
 
-    def committed(self, tp: TopicPartition) -> int | None:
+    def _read(self, tp: TopicPartition) -> tuple[int | None, str]:
         try:
-            text = self._pos_path(tp).read_text(encoding="utf-8").strip()
+            text = self._pos_path(tp).read_text(encoding="utf-8")
         except FileNotFoundError:
-            return None
-        return None if text in ("", "none") else int(text)
+            return None, ""
+        position, _, metadata = text.partition("\n")
+        position = position.strip()
+        return (None if position in ("", "none") else int(position)), metadata
 
-    def commit(self, tp: TopicPartition, position: int | None) -> None:
-        _write_atomic(self._pos_path(tp), "none" if position is None else str(position))
+    def committed(self, tp: TopicPartition) -> int | None:
+        return self._read(tp)[0]
+
+    def committed_metadata(self, tp: TopicPartition) -> str:
+        return self._read(tp)[1]
+
+    def commit(self, tp: TopicPartition, position: int | None, metadata: str = "") -> None:
+        if "\n" in metadata:
+            raise ValueError(f"commit metadata for {tp} must be one line: {metadata!r}")
+        text = "none" if position is None else str(position)
+        _write_atomic(self._pos_path(tp), f"{text}\n{metadata}" if metadata else text)
 
     def join(self, member: str) -> int:
         path = self.dir / "members" / f"{member}.lock"

@@ -265,13 +265,17 @@ class EmbeddedConsumer:
         self._rr += 1
         return out
 
-    def commit(self, positions: dict[TopicPartition, int]) -> None:
+    def commit(self, positions: dict[TopicPartition, int],
+               metadata: dict[TopicPartition, str] | None = None) -> None:
         for tp, position in positions.items():
             if tp in self._owned:  # a revoked partition's position belongs to its new owner
-                self.groupdir.commit(tp, position)
+                self.groupdir.commit(tp, position, (metadata or {}).get(tp, ""))
 
     def committed(self, tp: TopicPartition) -> int | None:
         return self.groupdir.committed(tp)
+
+    def committed_metadata(self, tp: TopicPartition) -> str:
+        return self.groupdir.committed_metadata(tp)
 
     def close(self) -> None:
         owned = sorted(self._owned)
