@@ -30,6 +30,7 @@ from streams.faults import crash_point
 from streams.outputs import OutputWriter
 from streams.state.table_reader import read_table
 from topics.codec import encode
+from topics.columns import dict_column
 from topics.log import Log
 from topics.partitioner import KAFKA_SEED
 from topics.spec import DEAD_LETTER, ROWS
@@ -186,8 +187,9 @@ class Importer:
                 end = start + step
                 spool.add(partition, encode("AudienceRows", {
                     "batch_id": batch_id, "mode": req.mode, "seqs": seqs[start:end],
-                    "user_ids": users[start:end], "segment_ids": segs[start:end],
-                    "ops": ops[start:end], "attributes": attr[start:end] if attr else None}))
+                    "user_ids": users[start:end], "segment_column": dict_column(segs[start:end]),
+                    "op_column": dict_column(ops[start:end]),
+                    "attributes": attr[start:end] if attr else None}))
 
     def _dead_letters(self, batch_id: str, chunk: RowChunk) -> int:
         for bad in chunk.rejects:

@@ -19,6 +19,7 @@ from typing import Any
 
 from processors.events import batch_event
 from streams.api import Input, Output, Table, TableSpec
+from topics.columns import column, dict_column
 from topics.spec import CHANGES, ROWS, SEGMENTS_CHANGELOG
 
 Memberships = tuple[tuple[str, str], ...]
@@ -116,8 +117,9 @@ class AudienceSegments:
         out_op, out_seq = out_ops.append, out_seqs.append
         get, put, drop = members.get, members.set, members.delete
         pair_of: dict[str, tuple[str, str]] = {}  # segment -> its (segment, batch) pair
-        for seq, user, segment, op in zip(v["seqs"], v["user_ids"], v["segment_ids"], v["ops"],
-                                          strict=True):
+        segments = column(v, "segment_column", "segment_ids")
+        ops = column(v, "op_column", "ops")
+        for seq, user, segment, op in zip(v["seqs"], v["user_ids"], segments, ops, strict=True):
             if seq <= max_seq:
                 continue  # a duplicate delivery of a row already applied
             max_seq = seq
@@ -210,4 +212,5 @@ class AudienceSegments:
                  ops: list[str], seqs: list[int]) -> Output:
         return Output(CHANGES, "SegmentChanges", {
             "batch_id": batch_id, "source_position": record.position, "user_ids": users,
-            "segment_ids": segments, "ops": ops, "seqs": seqs}, partition=record.partition)
+            "segment_column": dict_column(segments), "op_column": dict_column(ops),
+            "seqs": seqs}, partition=record.partition)

@@ -18,6 +18,7 @@ from kafka.partitioner.default import murmur2 as kafka_murmur2
 
 from topics import codec
 from topics.codec import REGISTRY, SchemaError, SchemaRegistry, decode, encode
+from topics.columns import column
 from topics.partitioner import murmur2, partition_for
 
 # -- CRC-64-AVRO, straight from the Avro specification ("Schema Fingerprints") ------------
@@ -71,8 +72,10 @@ def test_magic_and_header_size() -> None:
 SAMPLES: dict[str, dict[str, Any]] = {
     "AudienceRows": {
         "batch_id": "b-1", "mode": "replace", "seqs": [1, 2, 2**40],
-        "user_ids": ["u1", "u2", "ü-3"], "segment_ids": ["s1", "s1", "s2"],
-        "ops": ["add", "remove", "add"], "attributes": [{"k": "v"}, {}, {"x": "y", "z": ""}],
+        "user_ids": ["u1", "u2", "ü-3"], "segment_ids": [], "ops": [],
+        "segment_column": {"values": ["s1", "s2"], "index": [0, 0, 1]},
+        "op_column": {"values": ["add", "remove"], "index": [0, 1, 0]},
+        "attributes": [{"k": "v"}, {}, {"x": "y", "z": ""}],
     },
     "BatchEvent": {
         "batch_id": "b-1", "kind": "published", "at_ms": 1_700_000_000_000, "source": "s3://b/k",
@@ -90,7 +93,9 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "EndMarker": {"batch_id": "b-1", "partition": 2, "count": 5, "total": 20, "mode": "add",
                   "segments": ["s1", "s2"], "source_position": 99},
     "SegmentChanges": {"batch_id": "b-1", "source_position": 40, "user_ids": ["u1"],
-                       "segment_ids": ["s1"], "ops": ["remove"], "seqs": [-1]},
+                       "segment_ids": [], "ops": [], "seqs": [-1],
+                       "segment_column": {"values": ["s1"], "index": [0]},
+                       "op_column": {"values": ["remove"], "index": [0]}},
 }
 
 
@@ -136,7 +141,12 @@ def test_v1_audience_rows_is_read_with_defaults() -> None:
     assert header != encode("AudienceRows", {**old, "mode": "add"})[:10]  # another writer
     name, value = decode(buf.getvalue())
     assert name == "AudienceRows"
-    assert value == {**old, "mode": "add", "attributes": None}
+    empty = {"values": [], "index": []}
+    assert value == {**old, "mode": "add", "attributes": None, "segment_column": empty,
+                     "op_column": empty}
+    # Readers take the columns from whichever form the writer filled.
+    assert column(value, "segment_column", "segment_ids") == ["s1", "s1"]
+    assert column(value, "op_column", "ops") == ["add", "remove"]
 
 
 def test_history_writer_without_a_current_reader() -> None:

@@ -27,6 +27,7 @@ from processors.segments import (
 from streams.api import Input, Output
 from streams.state.store import PartitionStore
 from tests.support import expected_members
+from topics.columns import column
 from topics.partitioner import partition_for
 from topics.spec import CHANGES, EVENTS
 
@@ -220,10 +221,10 @@ def check_outputs(run: Run, batches: list[Batch], partitions: int) -> None:
                 assert out.topic == CHANGES and out.partition == p
                 v = out.value
                 assert v["batch_id"] not in markers, "a change after its batch's end marker"
-                assert len(v["user_ids"]) == len(v["segment_ids"]) == len(v["ops"]) \
-                    == len(v["seqs"]) > 0
-                for user, segment, op in zip(v["user_ids"], v["segment_ids"], v["ops"],
-                                             strict=True):
+                segments = column(v, "segment_column", "segment_ids")
+                ops = column(v, "op_column", "ops")
+                assert len(v["user_ids"]) == len(segments) == len(ops) == len(v["seqs"]) > 0
+                for user, segment, op in zip(v["user_ids"], segments, ops, strict=True):
                     assert partition_for(user, partitions) == p
                     if op == "add":
                         assert (segment, user) not in folded, f"add of a member {segment, user}"
@@ -398,7 +399,8 @@ def test_replace_end_marker_removes_unlisted_members_of_named_segments_only() ->
     assert run.members() == {("seg-a", "user-2"), ("seg-a", "user-4"), ("seg-b", "user-3")}
     changes = [o.value for o in run.outputs[0] if o.schema == "SegmentChanges"]
     # b2's rows add user-4 only (user-2 is re-affirmed); its end marker removes user-1.
-    assert [(c["batch_id"], c["user_ids"], c["ops"]) for c in changes[-2:]] == [
+    assert [(c["batch_id"], c["user_ids"], column(c, "op_column", "ops"))
+            for c in changes[-2:]] == [
         ("b2", ["user-4"], ["add"]), ("b2", ["user-1"], ["remove"])]
     assert changes[-1]["seqs"] == [-1]
 
