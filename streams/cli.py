@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -17,7 +18,8 @@ import click
 from connectors.importer import ImportRefused, ImportResult
 from connectors.rows import MODES, InputFileError
 from processors.pipeline_state import BatchStatus
-from streams.pipeline import ROLES, Pipeline
+from streams.child_worker import ChildWorker, ChildWorkerDied
+from streams.pipeline import PROCESSOR_ROLES, ROLES, SINK_ROLES, Pipeline, group_names
 from streams.settings import Settings, load_config_file
 from topics.log import GroupBusyError, TopicError
 
@@ -153,23 +155,12 @@ def import_(ctx: click.Context, file: str, quiet: bool, **opts: Any) -> None:
 @click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
 @click.pass_context
 def run(ctx: click.Context, file: str, quiet: bool, timeout: float | None, **opts: Any) -> None:
-    """Import FILE, process it and deliver it, in one process, until the batch is closed."""
+    """Import FILE, process it and deliver it until the batch is closed: the import and the
+    processors run here, the sinks in a child process (both cores)."""
     progress = Progress(quiet)
     pipe = _pipeline(ctx)
     try:
-        result = _run_import(pipe, file, progress, **opts)
-        if result.outcome not in ("duplicate", "previously_failed"):
-            _print_import(result)
-        # Always run the worker until its own batch table says finished: events of the batch
-        # may still wait to be applied, or snapshots to be delivered, after a crash.
-        worker = pipe.worker()
-        worker.install_signal_handlers()
-        done = _batch_finished(pipe, worker, result.batch_id)
-        if not worker.run(until=done, on_tick=_run_progress(progress, worker),
-                          timeout_s=timeout):
-            raise click.ClickException(
-                f"batch {result.batch_id} is not finished (stopped or timed out); run the "
-                "same command again to finish it")
+        result = _run_to_the_end(ctx, pipe, file, progress, timeout, opts)
         status = pipe.batches()[result.batch_id]
         if result.outcome in ("duplicate", "previously_failed"):
             _print_import(result)
@@ -178,6 +169,42 @@ def run(ctx: click.Context, file: str, quiet: bool, timeout: float | None, **opt
             sys.exit(1)
     finally:
         pipe.close()
+
+
+def _run_to_the_end(ctx: click.Context, pipe: Pipeline, file: str, progress: Progress,
+                    timeout: float | None, opts: dict[str, Any]) -> ImportResult:
+    member = f"run-{os.getpid()}"
+    # Started first, so that its start-up overlaps the import.
+    sinks = ChildWorker(_settings(ctx), SINK_ROLES, f"{member}-sinks")
+    try:
+        result = _run_import(pipe, file, progress, **opts)
+        if result.outcome not in ("duplicate", "previously_failed"):
+            _print_import(result)
+        # Always run the worker until its own batch table says finished: events of the batch
+        # may still wait to be applied, or snapshots to be delivered, after a crash.
+        worker = pipe.worker(PROCESSOR_ROLES, member)
+        worker.install_signal_handlers()
+        done = _batch_finished(pipe, worker, result.batch_id)
+
+        def tick(w: Any) -> None:
+            sinks.check()
+            progress(", ".join(f"{name}: {n:,} messages" for name, n in w.processed.items()))
+
+        if not worker.run(until=lambda: sinks.check() or done(), on_tick=tick,
+                          timeout_s=timeout):
+            raise click.ClickException(
+                f"batch {result.batch_id} is not finished (stopped or timed out); run "
+                "the same command again to finish it")
+        # The processors are closed (their outputs flushed): let the sinks catch up, so
+        # that the last status snapshot reaches the warehouse before the summary.
+        pipe.wait_for_groups(group_names(SINK_ROLES), check=sinks.check)
+        return result
+    except ChildWorkerDied as exc:
+        raise click.ClickException(
+            f"{exc}; the batch is not finished: run the same command again to finish it"
+        ) from None
+    finally:
+        sinks.stop()
 
 
 def _batch_finished(pipe: Pipeline, worker: Any, batch_id: str) -> Callable[[], bool]:
@@ -190,12 +217,6 @@ def _batch_finished(pipe: Pipeline, worker: Any, batch_id: str) -> Callable[[], 
         return status is not None and status.finished
 
     return done
-
-
-def _run_progress(progress: Progress, worker: Any) -> Callable[[Any], None]:
-    def tick(w: Any) -> None:
-        progress(", ".join(f"{name}: {n:,} messages" for name, n in w.processed.items()))
-    return tick
 
 
 def _ts(ms: int | None) -> str:

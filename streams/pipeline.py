@@ -34,7 +34,9 @@ from topics.codec import decode
 from topics.log import Log
 from topics.spec import CHANGES, DEAD_LETTER, SPECS
 
-ROLES = ("segments", "pipeline", "s3", "warehouse")
+PROCESSOR_ROLES = ("segments", "pipeline")
+SINK_ROLES = ("s3", "warehouse")
+ROLES = PROCESSOR_ROLES + SINK_ROLES
 SINKS = ("s3", "warehouse")
 
 
@@ -42,6 +44,14 @@ def group_of(role: str) -> str:
     return {"segments": "processor-segments", "pipeline": "processor-pipeline",
             "s3": "sink-s3", "warehouse": "sink-warehouse",
             "warehouse-status": "sink-warehouse-status"}[role]
+
+
+def group_names(roles: tuple[str, ...]) -> list[str]:
+    """The consumer groups that workers of these roles join."""
+    groups = [group_of(role) for role in roles]
+    if "warehouse" in roles:
+        groups.append(group_of("warehouse-status"))
+    return groups
 
 
 class Pipeline:
@@ -128,6 +138,18 @@ class Pipeline:
                 value = decode(msg.value)[1]
                 if batch_id is None or value["batch_id"] == batch_id:
                     yield value
+
+    def wait_for_groups(self, groups: list[str], check: Any = None,
+                        timeout_s: float = 120.0) -> None:
+        """Waits (bounded) until these groups have consumed everything on the log."""
+        deadline = time.monotonic() + timeout_s
+        while any(gp.lag for g in groups for gp in self.log.group_positions(g)):
+            if check is not None:
+                check()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"groups {', '.join(groups)} did not catch up within "
+                                   f"{timeout_s:.0f}s")
+            time.sleep(0.05)  # polling the log's committed positions
 
     def batches(self) -> dict[str, BatchStatus]:
         return read_table(self.log, PipelineState(), "batches")

@@ -51,6 +51,18 @@ class Settings:
     def spool_dir(self) -> Path:
         return self.data_dir / "spool"
 
+    def to_env(self) -> dict[str, str]:
+        """These settings as the environment variables the CLI reads (for child workers)."""
+        env = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                value = "1" if value else "0"
+            env[f"{ENV_PREFIX}_{f.name.upper()}"] = str(value)
+        return env
+
     @classmethod
     def build(cls, values: dict[str, Any]) -> Settings:
         known = {f.name: f for f in fields(cls)}
