@@ -27,6 +27,7 @@ functions by cumulative and by own time (and saves the .prof beside the inputs).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import json
@@ -65,6 +66,7 @@ class Measurement:
     other_cpu_s: float  # CPU time other processes used meanwhile (machine-wide)
     stdout: str = ""
     stderr: str = ""
+    tree_rss_mb: float | None = None  # peak summed RSS of the process tree (--tree-rss)
 
     @property
     def disturbed(self) -> bool:
@@ -81,15 +83,40 @@ def _busy_seconds() -> float | None:
         "SC_CLK_TCK")
 
 
-def measure(cmd: list[str], cwd: Path, env: dict[str, str], timeout_s: float) -> Measurement:
-    """Runs `cmd` to its exit; wall time, its own CPU time and its own peak RSS."""
+def _tree_rss_mb(root: Any) -> float:
+    """RSS of a process and all its descendants, summed (psutil), in MB."""
+    import psutil
+
+    total = 0
+    try:
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            total += proc.memory_info().rss
+    return total / 2**20
+
+
+def measure(cmd: list[str], cwd: Path, env: dict[str, str], timeout_s: float,
+            tree_rss: bool = False) -> Measurement:
+    """Runs `cmd` to its exit; wall time, its own CPU time and its own peak RSS (and, with
+    `tree_rss`, the peak of its process tree's summed RSS, sampled every 50 ms)."""
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         busy0 = _busy_seconds()
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err,
                                 stdin=subprocess.DEVNULL)
         deadline = started + timeout_s
+        tree_peak, next_sample, root = 0.0, started, None
+        if tree_rss:
+            import psutil
+
+            root = psutil.Process(proc.pid)
         while True:
+            if root is not None and time.perf_counter() >= next_sample:
+                tree_peak = max(tree_peak, _tree_rss_mb(root))
+                next_sample = time.perf_counter() + 0.05
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
@@ -110,7 +137,8 @@ def measure(cmd: list[str], cwd: Path, env: dict[str, str], timeout_s: float) ->
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode} after {seconds:.1f}s:\n"
                            f"{stdout[-2000:]}\n{stderr[-2000:]}")
-    return Measurement(seconds, cpu, usage.ru_maxrss / 1024, other, stdout, stderr)
+    return Measurement(seconds, cpu, usage.ru_maxrss / 1024, other, stdout, stderr,
+                       tree_peak or None)
 
 
 # ------------------------------------------------------------------------ the children
@@ -237,14 +265,14 @@ def run_case(spec: Spec, path: Path, work: Path, args: argparse.Namespace,
         if "import" in args.phases or "process" in args.phases:
             data = _fresh(work, f"r{n}-split-{i}")
             imported = measure(_streams(data / "data", args.backend, "import", str(path), "-q"),
-                               data, env, args.timeout)
+                               data, env, args.timeout, args.tree_rss)
             if "import" in args.phases:
                 runs["import"].append(imported)
             if "process" in args.phases:
                 m = measure([sys.executable, "-m", "benchmarks.run", "--process-child",
                              str(data / "data"), _batch_id(imported.stdout),
                              "--backend", args.backend, "--timeout", str(args.timeout)],
-                            data, env, args.timeout + 60)
+                            data, env, args.timeout + 60, args.tree_rss)
                 runs["process"].append(m)
                 report = json.loads(m.stdout.strip().splitlines()[-1])
                 if (n not in breakdowns
@@ -255,7 +283,7 @@ def run_case(spec: Spec, path: Path, work: Path, args: argparse.Namespace,
         if "e2e" in args.phases:
             data = _fresh(work, f"r{n}-e2e-{i}")
             m = measure(_streams(data / "data", args.backend, "run", str(path), "-q"),
-                        data, env, args.timeout)
+                        data, env, args.timeout, args.tree_rss)
             _check_closed(m.stdout)
             runs["e2e"].append(m)
             if not args.keep:
@@ -272,15 +300,17 @@ def run_case(spec: Spec, path: Path, work: Path, args: argparse.Namespace,
 
 
 def format_table(rows: list[Row]) -> str:
+    tree = any(r.best.tree_rss_mb is not None for r in rows)
     head = (f"{'rows':>10}  {'phase':<14} {'seconds':>8} {'rows/s':>10} {'cpu s':>7} "
-            f"{'peak RSS MB':>11}")
+            f"{'peak RSS MB':>11}" + (f" {'tree MB':>8}" if tree else ""))
     lines = [head, "-" * len(head)]
     for r in rows:
         m = r.best
         mark = " !" if m.disturbed else ""
+        extra = f" {m.tree_rss_mb or 0:>8.0f}" if tree else ""
         lines.append(f"{r.rows:>10,}  {PHASE_LABELS[r.phase]:<14} {m.seconds:>8.2f} "
                      f"{r.rows / m.seconds:>10,.0f} {m.cpu_s:>7.2f} {m.peak_rss_mb:>11.0f}"
-                     f"{mark}")
+                     f"{extra}{mark}")
     return "\n".join(lines)
 
 
@@ -358,6 +388,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                    default=Path(tempfile.gettempdir()) / "audience-streams-bench",
                    help="inputs (cached by parameters) and data dirs")
     p.add_argument("--keep", action="store_true", help="keep the data dirs")
+    p.add_argument("--tree-rss", action="store_true",
+                   help="also sample the summed RSS of each child's process tree (psutil, "
+                        "every 50 ms): the honest peak once a phase runs several processes")
     p.add_argument("--timeout", type=float, default=600.0, help="per child process, seconds")
     p.add_argument("--process-child", nargs=2, metavar=("DATA_DIR", "BATCH_ID"),
                    help=argparse.SUPPRESS)

@@ -18,7 +18,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import chain
+from operator import itemgetter
 from pathlib import Path
+from typing import Any
 
 from connectors.error_budget import ErrorBudget
 from connectors.readers import file_checksum, read_chunks
@@ -170,18 +172,15 @@ class Importer:
     def _spool_chunk(self, spool: Spool, batch_id: str, req: ImportRequest, chunk: RowChunk,
                      counts: list[int]) -> None:
         n = self.partitions
-        parts = [([], [], [], [], []) for _ in range(n)]
-        attrs = chunk.attributes
-        for i, user in enumerate(chunk.user_ids):
-            cols = parts[(murmurhash2(user.encode("utf-8"), KAFKA_SEED) & 0x7FFFFFFF) % n]
-            cols[0].append(chunk.seqs[i])
-            cols[1].append(user)
-            cols[2].append(chunk.segment_ids[i])
-            cols[3].append(chunk.ops[i])
-            if attrs is not None:
-                cols[4].append(attrs[i])
+        pids = [(murmurhash2(user.encode("utf-8"), KAFKA_SEED) & 0x7FFFFFFF) % n
+                for user in chunk.user_ids]
         step = req.message_rows
-        for partition, (seqs, users, segs, ops, attr) in enumerate(parts):
+        for partition in range(n):
+            # Columns are gathered per partition with itemgetter: the loop stays in C.
+            pick = _picker([i for i, p in enumerate(pids) if p == partition])
+            seqs, users = pick(chunk.seqs), pick(chunk.user_ids)
+            segs, ops = pick(chunk.segment_ids), pick(chunk.ops)
+            attrs = pick(chunk.attributes) if chunk.attributes is not None else None
             counts[partition] += len(seqs)
             for start in range(0, len(seqs), step):
                 end = start + step
@@ -189,7 +188,7 @@ class Importer:
                     "batch_id": batch_id, "mode": req.mode, "seqs": seqs[start:end],
                     "user_ids": users[start:end], "segment_column": dict_column(segs[start:end]),
                     "op_column": dict_column(ops[start:end]),
-                    "attributes": attr[start:end] if attr else None}))
+                    "attributes": attrs[start:end] if attrs else None}))
 
     def _dead_letters(self, batch_id: str, chunk: RowChunk) -> int:
         for bad in chunk.rejects:
@@ -207,3 +206,12 @@ class Importer:
             self.out.flush()  # one by one, so that a crash can fall between end markers
             crash_point("import.end_marker")
 
+
+def _picker(index: list[int]) -> Callable[[list[Any]], list[Any]]:
+    """A function taking the elements at `index` from a list, in order."""
+    if not index:
+        return lambda _values: []
+    if len(index) == 1:
+        return lambda values: [values[index[0]]]
+    get = itemgetter(*index)
+    return lambda values: list(get(values))

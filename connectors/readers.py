@@ -29,12 +29,13 @@ from dataclasses import dataclass
 from functools import partial
 from itertools import chain, islice, repeat
 from operator import itemgetter
-from typing import Any, cast
-
-import pyarrow as pa
-import pyarrow.parquet as pq
+from typing import TYPE_CHECKING, Any, cast
 
 from connectors.rows import MODES, OPS, InputFileError, RejectedRow, RowChunk
+
+if TYPE_CHECKING:  # pyarrow is imported only when a Parquet file is read
+    import pyarrow as pa
+    import pyarrow.parquet as pq
 
 MAX_ID_CHARS = 256
 RAW_CHARS = 500
@@ -764,6 +765,9 @@ def _json_row(obj: Any, rules: _Rules) -> tuple[tuple[str, str, str] | str, dict
 
 
 def _open_parquet(path: str) -> pq.ParquetFile:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     try:
         return pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as exc:
@@ -781,6 +785,8 @@ def _read_parquet(path: str, rules: _Rules, chunk_rows: int) -> Iterator[RowChun
 def _parquet_chunks(
     path: str, rules: _Rules, layout: _Layout, chunk_rows: int
 ) -> Iterator[RowChunk]:
+    import pyarrow as pa
+
     with _open_parquet(path) as pf:
         if _layout(path, pf.schema_arrow.names, rules) != layout:
             raise InputFileError(f"{path}: the schema changed while the file was being read")
@@ -803,6 +809,8 @@ def _parquet_chunks(
 
 
 def _arrow_strings(arr: pa.Array) -> list[str | None]:
+    import pyarrow as pa
+
     """A column as Python text: strings as-is, scalars cast by Arrow, the rest as JSON."""
     if pa.types.is_dictionary(arr.type):
         arr = arr.dictionary_decode()

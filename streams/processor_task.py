@@ -30,7 +30,7 @@ log_ = logging.getLogger(__name__)
 class ProcessorTask:
     def __init__(self, log: Log, processor: Processor, outputs: OutputWriter, group: str,
                  member: str = "", checkpoint_interval_s: float = 1.0,
-                 checkpoint_messages: int = 500):
+                 checkpoint_messages: int = 32):
         self.log = log
         self.processor = processor
         self.outputs = outputs
