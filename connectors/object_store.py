@@ -10,6 +10,7 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Protocol
+from urllib.parse import quote
 
 # Temp files of an unfinished put carry this prefix; keys may not use it so list() can
 # skip them without mistaking a real object for one.
@@ -108,4 +109,5 @@ class LocalObjectStore:
         return sorted(keys)
 
     def url(self, key: str) -> str:
-        return self._path(key).as_uri()
+        # as_uri() would escape the '=' of Hive-style keys (batch=...); keep them readable.
+        return "file://" + quote(str(self._path(key).resolve()), safe="/=")

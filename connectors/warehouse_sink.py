@@ -18,4 +18,4 @@ class WarehouseSink:
 
     def close_partition(self, batch_id: str, partition: int, partitions: int) -> str:
         self.warehouse.merge(batch_id, partition)
-        return f"duckdb://{self.warehouse.path}#segment_members"
+        return f"duckdb://{self.warehouse.path.resolve()}#segment_members"

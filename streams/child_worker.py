@@ -34,7 +34,7 @@ class ChildWorker:
         self.roles = roles
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "streams", "worker", "--roles", ",".join(roles),
-             "--member", member],
+             "--member", member, "--quiet"],
             env=env, stdin=subprocess.DEVNULL, preexec_fn=lambda: _die_with_parent(parent))
 
     def check(self) -> None:

@@ -248,8 +248,9 @@ def _print_summary(status: BatchStatus, started: float) -> None:
 @click.option("--roles", default=",".join(ROLES),
               help=f"Comma-separated roles to run: {', '.join(ROLES)}.")
 @click.option("--member", default="", help="Member id in the consumer groups.")
+@click.option("-q", "--quiet", is_flag=True, help="No start and stop lines.")
 @click.pass_context
-def worker(ctx: click.Context, roles: str, member: str) -> None:
+def worker(ctx: click.Context, roles: str, member: str, quiet: bool) -> None:
     """Run processors and sinks until SIGTERM/SIGINT (a clean stop)."""
     pipe = _pipeline(ctx)
     try:
@@ -259,9 +260,11 @@ def worker(ctx: click.Context, roles: str, member: str) -> None:
         except ValueError as exc:
             raise click.ClickException(str(exc)) from None
         w.install_signal_handlers()
-        click.echo(f"worker running {', '.join(chosen)} on {pipe.log.url}", err=True)
+        if not quiet:
+            click.echo(f"worker running {', '.join(chosen)} on {pipe.log.url}", err=True)
         w.run()
-        click.echo("worker stopped cleanly", err=True)
+        if not quiet:
+            click.echo("worker stopped cleanly", err=True)
     finally:
         pipe.close()
 
