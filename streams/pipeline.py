@@ -150,15 +150,16 @@ class Pipeline:
                     yield value
 
     def wait_for_groups(self, groups: list[str], check: Any = None,
-                        timeout_s: float = 120.0) -> None:
+                        timeout_s: float = 30.0) -> None:
         """Waits (bounded) until these groups have consumed everything on the log."""
         deadline = time.monotonic() + timeout_s
-        while any(gp.lag for g in groups for gp in self.log.group_positions(g)):
+        while behind := [gp for g in groups for gp in self.log.group_positions(g) if gp.lag]:
             if check is not None:
                 check()
             if time.monotonic() > deadline:
-                raise TimeoutError(f"groups {', '.join(groups)} did not catch up within "
-                                   f"{timeout_s:.0f}s")
+                raise TimeoutError(
+                    f"consumer groups did not catch up within {timeout_s:.0f}s: " + ", ".join(
+                        f"{gp.group} {gp.tp} lag {gp.lag}" for gp in behind))
             time.sleep(0.05)  # polling the log's committed positions
 
     def batches(self) -> dict[str, BatchStatus]:

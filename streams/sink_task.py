@@ -56,12 +56,29 @@ class SinkTask:
         self.outputs = outputs
         self._stamps: dict[int, Stamp | None] = {}
         self._committable: dict[TopicPartition, int] = {}
+        self._metadata_kept: bool | None = None  # unknown until the first commit
+        self._skipped: dict[TopicPartition, int] = {}  # duplicates seen before that
         self.consumer = log.consumer(group, [sink.topic], self, member)
 
     def on_assigned(self, tps: Sequence[TopicPartition]) -> None:
         for tp in tps:
             self.sink.reset(tp.partition)
-            self._stamps[tp.partition] = _parse_stamp(self.consumer.committed_metadata(tp))
+            stamp = _parse_stamp(self.consumer.committed_metadata(tp))
+            committed = self.consumer.committed(tp)
+            if stamp is None and committed is not None:
+                # A log that keeps no commit metadata (Tansu): only processed messages are
+                # committed there (see step), so the committed message's stamp is the highest.
+                msg = self.log.read_at(tp.topic, tp.partition, committed)
+                schema, value = shared_decode(msg.value)
+                stamp = self.sink.stamp(Input(schema, value, tp.partition, msg.position,
+                                              msg.timestamp_ms))
+            self._stamps[tp.partition] = stamp
+            if committed is not None and self._metadata_kept is None:
+                # Ask once whether this log keeps commit metadata: re-commit the same
+                # position with its stamp and read it back.
+                text = _format_stamp(stamp)
+                self.consumer.commit({tp: committed}, {tp: text})
+                self._metadata_kept = self.consumer.committed_metadata(tp) == text
 
     def on_revoked(self, tps: Sequence[TopicPartition]) -> None:
         self.checkpoint()
@@ -77,25 +94,43 @@ class SinkTask:
             record = Input(schema, value, msg.partition, msg.position, msg.timestamp_ms)
             stamp = self.sink.stamp(record)
             last = self._stamps.get(msg.partition)
-            if last is None or stamp > last:
+            processed = last is None or stamp > last
+            if processed:
                 self._stamps[msg.partition] = stamp
                 for out in self.sink.process(record):
                     self.outputs.send(out)
                     emitted = True
+            # A skipped duplicate may be committed past only where the stamp is kept beside
+            # the position; elsewhere the committed message must carry the highest stamp.
             if self.sink.idle(msg.partition):
-                self._committable[msg.tp] = msg.position
+                if processed or self._metadata_kept:
+                    self._committable[msg.tp] = msg.position
+                elif self._metadata_kept is None:  # decided at the next commit
+                    self._skipped[msg.tp] = msg.position
         if emitted or self._committable:
             self.checkpoint()
         return len(messages)
 
     def checkpoint(self) -> None:
         self.outputs.flush()
-        if self._committable:
-            committable, self._committable = self._committable, {}
-            # The highest stamp seen goes with the position: duplicates committed past may
-            # stamp lower than what was applied, so the position alone cannot say it.
-            stamps = {tp: _format_stamp(self._stamps.get(tp.partition)) for tp in committable}
-            self.consumer.commit(committable, stamps)
+        committable, self._committable = self._committable, {}
+        skipped, self._skipped = self._skipped, {}
+        if committable:
+            self._commit(committable)
+        if self._metadata_kept and skipped:
+            # Duplicates read before we knew that metadata is kept, past the last commit.
+            later = {tp: pos for tp, pos in skipped.items() if pos > committable.get(tp, -1)}
+            if later:
+                self._commit(later)
+
+    def _commit(self, positions: dict[TopicPartition, int]) -> None:
+        # The highest stamp seen goes with the position: duplicates committed past may stamp
+        # lower than what was applied, so the position alone cannot say it.
+        stamps = {tp: _format_stamp(self._stamps.get(tp.partition)) for tp in positions}
+        self.consumer.commit(positions, stamps)
+        if self._metadata_kept is None:  # the first commit answers it for a new group
+            tp, text = next(iter(stamps.items()))
+            self._metadata_kept = self.consumer.committed_metadata(tp) == text
 
     def close(self) -> None:
         self.consumer.close()

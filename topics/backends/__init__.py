@@ -7,6 +7,11 @@ from urllib.parse import urlparse
 
 from topics.log import Log
 
+# Options the kafka backend takes; others (e.g. the embedded log's `fsync`) do not apply.
+KAFKA_OPTIONS = ("kafka_options", "session_timeout_ms", "heartbeat_interval_ms",
+                 "max_poll_interval_ms", "replication_factor", "max_request_size",
+                 "topic_wait_s")
+
 
 def open_log(url: str, **options: object) -> Log:
     parsed = urlparse(url)
@@ -16,5 +21,9 @@ def open_log(url: str, **options: object) -> Log:
         path = parsed.path if parsed.scheme else url
         return EmbeddedLog(Path(path), fsync=bool(options.get("fsync", False)))
     if parsed.scheme == "kafka":
-        raise NotImplementedError("the kafka backend is not built yet (issue: Kafka backend)")
+        from topics.backends.kafka.log import KafkaLog
+
+        bootstrap = url[len("kafka://"):].strip("/")
+        kafka = {k: v for k, v in options.items() if k in KAFKA_OPTIONS}
+        return KafkaLog(bootstrap, **kafka)  # type: ignore[arg-type]
     raise ValueError(f"unknown backend URL {url!r}; expected embedded://PATH or kafka://HOST:PORT")
