@@ -58,6 +58,18 @@ def _config_default_map(ctx: click.Context, _param: click.Parameter, value: str 
               help="Rows per object the S3 sink writes (and per warehouse staging load).")
 @click.option("--checkpoint-interval-s", type=click.FloatRange(0.01), default=1.0,
               help="Longest time between processor checkpoints.")
+@click.option("--kafka-option", multiple=True, metavar="KEY=VALUE",
+              help="A kafka-python client setting (repeatable), e.g. linger.ms=5.")
+@click.option("--kafka-session-timeout-ms", type=int, default=None,
+              help="Consumer group session timeout [default: Kafka's].")
+@click.option("--kafka-heartbeat-interval-ms", type=int, default=None,
+              help="Consumer group heartbeat interval [default: Kafka's].")
+@click.option("--kafka-max-poll-interval-ms", type=int, default=None,
+              help="Longest time between polls before a member is dropped [default: Kafka's].")
+@click.option("--kafka-replication-factor", type=int, default=1,
+              help="Replication factor of topics the pipeline creates.")
+@click.option("--kafka-max-request-size", type=int, default=1 << 20,
+              help="Largest message the producer sends; larger ones are refused.")
 @click.option("--fsync/--no-fsync", default=False,
               help="fsync the embedded log on every flush (survives power loss, slower).")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
@@ -72,7 +84,7 @@ def cli(ctx: click.Context, verbose: int, **options: Any) -> None:
 def _pipeline(ctx: click.Context) -> Pipeline:
     try:
         return Pipeline(_settings(ctx))
-    except TopicError as exc:
+    except (TopicError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
 
 

@@ -57,7 +57,7 @@ def group_names(roles: tuple[str, ...]) -> list[str]:
 class Pipeline:
     def __init__(self, settings: Settings):
         self.settings = settings
-        self.log: Log = open_log(settings.log_url, fsync=settings.fsync)
+        self.log: Log = open_log(settings.log_url, **settings.log_options())
         self.log.ensure_topics(list(SPECS.values()))
         self._warehouse: DuckDBWarehouse | None = None
 

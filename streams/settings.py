@@ -30,6 +30,13 @@ class Settings:
     chunk_rows: int = 100_000
     fsync: bool = False
     checkpoint_interval_s: float = 1.0
+    # Kafka: client settings pass through as KEY=VALUE; None keeps Kafka's own defaults.
+    kafka_option: tuple[str, ...] = ()
+    kafka_session_timeout_ms: int | None = None
+    kafka_heartbeat_interval_ms: int | None = None
+    kafka_max_poll_interval_ms: int | None = None
+    kafka_replication_factor: int = 1
+    kafka_max_request_size: int = 1 << 20
 
     @property
     def log_url(self) -> str:
@@ -38,6 +45,19 @@ class Settings:
         if self.backend == "kafka":
             return f"kafka://{self.bootstrap}"
         raise ValueError(f"--backend {self.backend!r}: expected embedded or kafka")
+
+    def log_options(self) -> dict[str, Any]:
+        """Options for `open_log`: each backend takes the ones it knows."""
+        options: dict[str, Any] = {
+            "fsync": self.fsync,
+            "kafka_options": dict(_key_value(item) for item in self.kafka_option),
+            "session_timeout_ms": self.kafka_session_timeout_ms,
+            "heartbeat_interval_ms": self.kafka_heartbeat_interval_ms,
+            "max_poll_interval_ms": self.kafka_max_poll_interval_ms,
+            "replication_factor": self.kafka_replication_factor,
+            "max_request_size": self.kafka_max_request_size,
+        }
+        return {k: v for k, v in options.items() if v is not None}
 
     @property
     def object_root(self) -> Path:
@@ -60,6 +80,8 @@ class Settings:
                 continue
             if isinstance(value, bool):
                 value = "1" if value else "0"
+            elif isinstance(value, tuple):  # a repeatable option: space-separated for click
+                value = " ".join(value)
             env[f"{ENV_PREFIX}_{f.name.upper()}"] = str(value)
         return env
 
@@ -73,8 +95,17 @@ class Settings:
             kind = known[name].type
             if "Path" in str(kind):
                 value = Path(value)
+            elif "tuple" in str(kind):
+                value = tuple(value)
             kwargs[name] = value
         return cls(**kwargs)
+
+
+def _key_value(item: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"--kafka-option {item!r}: expected KEY=VALUE, e.g. linger.ms=5")
+    return key.strip(), value.strip()
 
 
 def load_config_file(path: str | None) -> dict[str, Any]:
