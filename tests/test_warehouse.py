@@ -54,8 +54,9 @@ def member_rows(path: Path) -> list[tuple[object, ...]]:
     )
 
 
-def staged_count(path: Path) -> int:
-    return table_rows(path, "SELECT count(*) FROM staged_changes")[0][0]  # type: ignore[return-value]
+def staged_count(wh: DuckDBWarehouse) -> int:
+    """Staging is a TEMP table: only the warehouse's own connection sees it."""
+    return wh._query("count staged", "SELECT count(*) FROM staged_changes")[0][0]
 
 
 @pytest.fixture
@@ -82,13 +83,13 @@ def test_staging_a_chunk_twice_applies_it_once(wh: DuckDBWarehouse, db: Path) ->
     wh.stage(first)
     wh.stage(second)
     wh.stage(first)  # re-sent after a crash
-    assert staged_count(db) == 3
+    assert staged_count(wh) == 3
     assert not wh.is_loaded("b1", 0)
     result = wh.merge("b1", 0)
     assert result == LoadResult("b1", 0, rows_loaded=3, added=3, removed=0)
     assert wh.is_loaded("b1", 0)
     assert wh.members() == [("s1", "u1"), ("s1", "u2"), ("s2", "u3")]
-    assert staged_count(db) == 0
+    assert staged_count(wh) == 0
     assert counts(wh.ledger()) == [("b1", 0, 3, 3, 0)]
 
 
@@ -107,7 +108,7 @@ def test_chunk_resent_after_merge_is_not_staged_again(wh: DuckDBWarehouse, db: P
     wh.stage(c)
     wh.merge("b1", 0)
     wh.stage(c)
-    assert staged_count(db) == 0  # would otherwise linger forever
+    assert staged_count(wh) == 0  # would otherwise linger forever
     assert wh.merge("b1", 0).already_loaded
     assert wh.members() == [("s1", "u1")]
 
@@ -183,7 +184,7 @@ def test_partitions_merge_independently(wh: DuckDBWarehouse, db: Path) -> None:
     wh.stage(chunk("b1", 1, 0, [("u2", "s1", "add", 2)]))
     wh.merge("b1", 1)
     assert wh.members() == [("s1", "u2")]
-    assert staged_count(db) == 1
+    assert staged_count(wh) == 1
     assert (wh.is_loaded("b1", 0), wh.is_loaded("b1", 1)) == (False, True)
 
 
@@ -339,7 +340,7 @@ def test_failed_transaction_rolls_back(wh: DuckDBWarehouse, db: Path) -> None:
 
     with pytest.raises(WarehouseError, match="Binder Error"):
         wh._transaction("test", half_done)  # the private seam every write goes through
-    assert staged_count(db) == 1
+    assert staged_count(wh) == 1
     assert wh.merge("b1", 0) == LoadResult("b1", 0, 1, 1, 0)
 
 
@@ -417,4 +418,4 @@ def test_merge_equals_python_fold(data: st.DataObject, history: list[list[Change
                     assert wh.merge(f"b{b}", p) == LoadResult(f"b{b}", p, n, added, removed)
                     assert wh.merge(f"b{b}", p).already_loaded
             assert member_rows(db) == sorted((s, u, b, q) for (s, u), (b, q) in expected.items())
-            assert staged_count(db) == 0
+            assert staged_count(wh) == 0
