@@ -88,6 +88,7 @@ class AudienceSegments:
         # Interning the (segment, batch) pairs: one million members of one segment share one
         # pair object, which is most of the memory a membership would otherwise take.
         self._pairs: dict[tuple[str, str], tuple[str, str]] = {}
+        self._singles: dict[tuple[str, str], Memberships] = {}
 
     def process(self, tables: dict[str, Table[Any]], record: Input) -> list[Output]:
         if record.schema == "AudienceRows":
@@ -99,6 +100,13 @@ class AudienceSegments:
     def _pair(self, segment: str, batch_id: str) -> tuple[str, str]:
         key = (segment, batch_id)
         return self._pairs.setdefault(key, key)
+
+    def _single(self, pair: tuple[str, str]) -> Memberships:
+        """The one-membership value of a pair, shared by every user holding only it."""
+        single = self._singles.get(pair)
+        if single is None:
+            single = self._singles[pair] = (pair,)
+        return single
 
     def _rows(self, members: Table[Memberships], batches: Table[BatchProgress],
               record: Input) -> list[Output]:
@@ -130,7 +138,7 @@ class AudienceSegments:
                     continue
                 pair = pair_of.get(segment) or pair_of.setdefault(
                     segment, self._pair(segment, batch_id))
-                put(user, (pair,))
+                put(user, self._single(pair))
             else:
                 index = _index_of(current, segment)
                 if op == "add":

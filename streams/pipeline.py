@@ -85,6 +85,12 @@ class Pipeline:
         s = self.settings
         partitions = len(self.log.partitions(CHANGES))
         tasks: list[Task] = []
+        if set(roles) & set(SINK_ROLES):
+            import pyarrow as pa
+
+            # The sinks build Arrow tables chunk after chunk; the system allocator gives the
+            # memory back, where Arrow's default pool keeps ~50 MB more resident.
+            pa.set_memory_pool(pa.system_memory_pool())
         for role in roles:
             if role == "segments":
                 tasks.append(ProcessorTask(self.log, AudienceSegments(), out, group_of(role),
