@@ -14,6 +14,7 @@ count of changes, and a `partition_applied` (or `failed`) event goes to the pipe
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,6 +49,20 @@ def decode_memberships(text: str) -> Memberships:
     if not text:
         return ()
     return tuple(tuple(item.split(_PAIR_SEP, 1)) for item in text.split(_ITEM_SEP))  # type: ignore[misc]
+
+
+class _PairsOfBatch(dict[str, tuple[str, str]]):
+    """The interned (segment, batch) pair per segment of one message: a plain dict lookup
+    on the hot path, the interning only on a segment's first row."""
+
+    def __init__(self, intern: Callable[[str, str], tuple[str, str]], batch_id: str):
+        super().__init__()
+        self._intern = intern
+        self._batch_id = batch_id
+
+    def __missing__(self, segment: str) -> tuple[str, str]:
+        pair = self[segment] = self._intern(segment, self._batch_id)
+        return pair
 
 
 def _index_of(current: Memberships, segment: str) -> int:
@@ -124,7 +139,7 @@ class AudienceSegments:
         out_user, out_segment = out_users.append, out_segments.append
         out_op, out_seq = out_ops.append, out_seqs.append
         get, put, drop = members.get, members.set, members.delete
-        pair_of: dict[str, tuple[str, str]] = {}  # segment -> its (segment, batch) pair
+        pair_of = _PairsOfBatch(self._pair, batch_id)  # segment -> its (segment, batch) pair
         segments = column(v, "segment_column", "segment_ids")
         ops = column(v, "op_column", "ops")
         for seq, user, segment, op in zip(v["seqs"], v["user_ids"], segments, ops, strict=True):
@@ -136,8 +151,7 @@ class AudienceSegments:
             if current is None:  # the common case of a large import: a new user
                 if op != "add":
                     continue
-                pair = pair_of.get(segment) or pair_of.setdefault(
-                    segment, self._pair(segment, batch_id))
+                pair = pair_of[segment]
                 put(user, self._single(pair))
             else:
                 index = _index_of(current, segment)
@@ -145,12 +159,10 @@ class AudienceSegments:
                     if index >= 0:
                         if reaffirm and current[index][1] != batch_id:
                             # A replace batch re-affirms a member so its end marker keeps it.
-                            pair = pair_of.get(segment) or pair_of.setdefault(
-                                segment, self._pair(segment, batch_id))
+                            pair = pair_of[segment]
                             put(user, (*current[:index], pair, *current[index + 1 :]))
                         continue
-                    pair = pair_of.get(segment) or pair_of.setdefault(
-                        segment, self._pair(segment, batch_id))
+                    pair = pair_of[segment]
                     put(user, (*current, pair))
                 elif index < 0:
                     continue

@@ -79,7 +79,7 @@ def rewind(log: Log, processor: Processor, group: str, sinks: list[SinkGroup],
     for partition, start in replay.starts.items():
         if start is None:
             continue
-        before = _last_before(log, processor.input_topic, partition, lambda m: m.position, start)
+        before = _position_before(log, processor.input_topic, partition, start)
         log.reset_group(group, {TopicPartition(processor.input_topic, partition): before})
         write_fence(producer, processor.changelog_topic, partition, start)
         for sink in sinks:
@@ -88,11 +88,11 @@ def rewind(log: Log, processor: Processor, group: str, sinks: list[SinkGroup],
     producer.flush()
 
 
-def _last_before(log: Log, topic: str, partition: int, key: object, start: int) -> int | None:
-    """Position of the last message whose key is below `start` (None: there is none)."""
+def _position_before(log: Log, topic: str, partition: int, start: int) -> int | None:
+    """Position of the last message before `start` (None: there is none)."""
     last = None
     for msg in log.read(topic, partition):
-        if key(msg) >= start:  # type: ignore[operator]
+        if msg.position >= start:
             break
         last = msg.position
     return last

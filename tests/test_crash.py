@@ -174,33 +174,24 @@ def caught_up(data_dir: Path, groups: tuple[str, ...] = tuple(GROUPS)) -> bool:
     return all(lag == 0 for lag in group_lags(data_dir, groups).values())
 
 
-def events_of(data_dir: Path, batch_id: str, kind: str) -> list[dict[str, Any]]:
+def topic_values(data_dir: Path, topic: str, batch_id: str) -> list[dict[str, Any]]:
+    """Values of one batch on `topic`, partition by partition, in log order."""
     log = open_log(f"embedded://{(data_dir / 'log').resolve()}")
     try:
-        out = []
-        for partition in log.partitions(EVENTS):
-            for msg in log.read(EVENTS, partition):
-                _schema, value = decode(msg.value)
-                if value["batch_id"] == batch_id and value["kind"] == kind:
-                    out.append(value)
-        return out
+        values = (decode(msg.value)[1] for partition in log.partitions(topic)
+                  for msg in log.read(topic, partition))
+        return [v for v in values if v["batch_id"] == batch_id]
     finally:
         log.close()
+
+
+def events_of(data_dir: Path, batch_id: str, kind: str) -> list[dict[str, Any]]:
+    return [v for v in topic_values(data_dir, EVENTS, batch_id) if v["kind"] == kind]
 
 
 def status_snapshots(data_dir: Path, batch_id: str) -> list[dict[str, Any]]:
     """Snapshots of one batch on `pipeline.batch-status`, in log order."""
-    log = open_log(f"embedded://{(data_dir / 'log').resolve()}")
-    try:
-        out = []
-        for partition in log.partitions(BATCH_STATUS):
-            for msg in log.read(BATCH_STATUS, partition):
-                _schema, value = decode(msg.value)
-                if value["batch_id"] == batch_id:
-                    out.append(json.loads(value["json"]))
-        return out
-    finally:
-        log.close()
+    return [json.loads(v["json"]) for v in topic_values(data_dir, BATCH_STATUS, batch_id)]
 
 
 def batch_id_from_output(text: str) -> str:
