@@ -17,7 +17,7 @@ from connectors.change_set import ChangeSet
 from processors.events import batch_event
 from streams.api import Input, Output
 from streams.faults import crash_point
-from topics.columns import column
+from topics.columns import read_columns
 from topics.spec import CHANGES
 
 KIND_ORDER = {"SegmentChanges": 0, "EndMarker": 1}  # outputs of one input, in emission order
@@ -70,11 +70,12 @@ class ChangeSink:
         if record.schema == "SegmentChanges":
             if not buf.user_ids:
                 buf.first_position = v["source_position"]
-            buf.user_ids.extend(v["user_ids"])
-            buf.segment_ids.extend(column(v, "segment_column", "segment_ids"))
-            buf.ops.extend(column(v, "op_column", "ops"))
-            buf.seqs.extend(v["seqs"])
-            buf.received += len(v["user_ids"])
+            rows = read_columns(v)
+            buf.user_ids.extend(rows.user_ids)
+            buf.segment_ids.extend(rows.segment_ids)
+            buf.ops.extend(rows.ops)
+            buf.seqs.extend(rows.seqs)
+            buf.received += len(rows)
             if len(buf.user_ids) >= self.chunk_rows:
                 self._flush(key, buf)
             return []

@@ -32,7 +32,7 @@ from streams.faults import crash_point
 from streams.outputs import OutputWriter
 from streams.state.table_reader import read_table
 from topics.codec import encode
-from topics.columns import dict_column
+from topics.columns import write_columns
 from topics.log import Log
 from topics.partitioner import KAFKA_SEED
 from topics.spec import DEAD_LETTER, ROWS
@@ -185,9 +185,9 @@ class Importer:
             for start in range(0, len(seqs), step):
                 end = start + step
                 spool.add(partition, encode("AudienceRows", {
-                    "batch_id": batch_id, "mode": req.mode, "seqs": seqs[start:end],
-                    "user_ids": users[start:end], "segment_column": dict_column(segs[start:end]),
-                    "op_column": dict_column(ops[start:end]),
+                    "batch_id": batch_id, "mode": req.mode,
+                    **write_columns(seqs[start:end], users[start:end], segs[start:end],
+                                    ops[start:end]),
                     "attributes": attrs[start:end] if attrs else None}))
 
     def _dead_letters(self, batch_id: str, chunk: RowChunk) -> int:

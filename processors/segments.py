@@ -20,7 +20,7 @@ from typing import Any
 
 from processors.events import batch_event
 from streams.api import Input, Output, Table, TableSpec
-from topics.columns import column, dict_column
+from topics.columns import read_columns, write_columns
 from topics.spec import CHANGES, ROWS, SEGMENTS_CHANGELOG
 
 Memberships = tuple[tuple[str, str], ...]
@@ -140,9 +140,9 @@ class AudienceSegments:
         out_op, out_seq = out_ops.append, out_seqs.append
         get, put, drop = members.get, members.set, members.delete
         pair_of = _PairsOfBatch(self._pair, batch_id)  # segment -> its (segment, batch) pair
-        segments = column(v, "segment_column", "segment_ids")
-        ops = column(v, "op_column", "ops")
-        for seq, user, segment, op in zip(v["seqs"], v["user_ids"], segments, ops, strict=True):
+        rows = read_columns(v)
+        for seq, user, segment, op in zip(rows.seqs, rows.user_ids, rows.segment_ids, rows.ops,
+                                          strict=True):
             if seq <= max_seq:
                 continue  # a duplicate delivery of a row already applied
             max_seq = seq
@@ -231,6 +231,5 @@ class AudienceSegments:
     def _changes(record: Input, batch_id: str, users: list[str], segments: list[str],
                  ops: list[str], seqs: list[int]) -> Output:
         return Output(CHANGES, "SegmentChanges", {
-            "batch_id": batch_id, "source_position": record.position, "user_ids": users,
-            "segment_column": dict_column(segments), "op_column": dict_column(ops),
-            "seqs": seqs}, partition=record.partition)
+            "batch_id": batch_id, "source_position": record.position,
+            **write_columns(seqs, users, segments, ops)}, partition=record.partition)

@@ -18,7 +18,7 @@ from kafka.partitioner.default import murmur2 as kafka_murmur2
 
 from topics import codec
 from topics.codec import REGISTRY, SchemaError, SchemaRegistry, decode, encode
-from topics.columns import column
+from topics.columns import read_columns, write_columns
 from topics.partitioner import murmur2, partition_for
 
 # -- CRC-64-AVRO, straight from the Avro specification ("Schema Fingerprints") ------------
@@ -69,12 +69,16 @@ def test_magic_and_header_size() -> None:
 
 # -- every schema round trips -------------------------------------------------------------
 
+_NO_DICT = {"values": [], "index": []}
+_LEGACY_EMPTY = {"seqs": [], "user_ids": [], "segment_ids": [], "ops": [],
+                 "segment_column": _NO_DICT, "op_column": _NO_DICT}
+
 SAMPLES: dict[str, dict[str, Any]] = {
     "AudienceRows": {
-        "batch_id": "b-1", "mode": "replace", "seqs": [1, 2, 2**40],
-        "user_ids": ["u1", "u2", "ü-3"], "segment_ids": [], "ops": [],
-        "segment_column": {"values": ["s1", "s2"], "index": [0, 0, 1]},
-        "op_column": {"values": ["add", "remove"], "index": [0, 1, 0]},
+        "batch_id": "b-1", "mode": "replace",
+        **write_columns([1, 2, 2**40], ["u1", "u2", "ü-3"], ["s1", "s1", "s2"],
+                        ["add", "remove", "add"]),
+        **_LEGACY_EMPTY,
         "attributes": [{"k": "v"}, {}, {"x": "y", "z": ""}],
     },
     "BatchEvent": {
@@ -86,16 +90,15 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "BatchStatus": {"batch_id": "b-1", "status": "closed", "json": '{"a": 1}',
                     "source_position": 42},
     "ChangelogFence": {"from_position": 1234},
-    "Changelog": {"table": "members", "input_position": 12345, "keys": ["a", "b"],
-                  "values": ['{"x": 1}', None]},
+    "Changelog": {"table": "members", "input_position": 12345, "count": 2,
+                  "key_column": "a\nb", "value_column": '{"x": 1}\n', "deleted_count": 1,
+                  "deleted_column": "c", "keys": [], "values": []},
     "DeadLetter": {"batch_id": "b-1", "file": "f.csv", "row": 7, "reason": "bad id",
                    "raw": "x,,y"},
     "EndMarker": {"batch_id": "b-1", "partition": 2, "count": 5, "total": 20, "mode": "add",
                   "segments": ["s1", "s2"], "source_position": 99},
-    "SegmentChanges": {"batch_id": "b-1", "source_position": 40, "user_ids": ["u1"],
-                       "segment_ids": [], "ops": [], "seqs": [-1],
-                       "segment_column": {"values": ["s1"], "index": [0]},
-                       "op_column": {"values": ["remove"], "index": [0]}},
+    "SegmentChanges": {"batch_id": "b-1", "source_position": 40,
+                       **write_columns([-1], ["u1"], ["s1"], ["remove"]), **_LEGACY_EMPTY},
 }
 
 
@@ -127,26 +130,48 @@ def test_defaults_are_written_when_fields_are_left_out() -> None:
 
 # -- schema evolution: an old writer read by today's reader --------------------------------
 
+def _written_by(history: str, value: dict[str, Any]) -> bytes:
+    """`value` as an old writer wrote it: single-object encoded with a history schema."""
+    old = _load(f"schemas/history/{history}.avsc")
+    buf = io.BytesIO()
+    buf.write(single_object_header(old))
+    fastavro.schemaless_writer(buf, fastavro.parse_schema(old), value)
+    return buf.getvalue()
+
+
 def test_v1_audience_rows_is_read_with_defaults() -> None:
     v1 = _load("schemas/history/AudienceRows.v1.avsc")
     field_names = [f["name"] for f in v1["fields"]]
     assert "mode" not in field_names and "attributes" not in field_names
     old = {"batch_id": "old-1", "seqs": [1, 2], "user_ids": ["u1", "u2"],
            "segment_ids": ["s1", "s1"], "ops": ["add", "remove"]}
-    buf = io.BytesIO()
-    buf.write(single_object_header(v1))
-    fastavro.schemaless_writer(buf, fastavro.parse_schema(v1), old)
+    data = _written_by("AudienceRows.v1", old)
 
-    header = buf.getvalue()[:10]
-    assert header != encode("AudienceRows", {**old, "mode": "add"})[:10]  # another writer
-    name, value = decode(buf.getvalue())
+    assert data[:10] != encode("AudienceRows", SAMPLES["AudienceRows"])[:10]  # another writer
+    name, value = decode(data)
     assert name == "AudienceRows"
-    empty = {"values": [], "index": []}
-    assert value == {**old, "mode": "add", "attributes": None, "segment_column": empty,
-                     "op_column": empty}
+    assert value == {**old, "mode": "add", "attributes": None, "segment_column": _NO_DICT,
+                     "op_column": _NO_DICT, "count": 0, "user_id_column": "",
+                     # fastavro fills a bytes default as the schema's JSON string: count 0
+                     # says the packed columns are empty, so nothing reads them
+                     "seq_column": "", "segment_dictionary": {"values": [], "index": ""},
+                     "op_dictionary": {"values": [], "index": ""}}
     # Readers take the columns from whichever form the writer filled.
-    assert column(value, "segment_column", "segment_ids") == ["s1", "s1"]
-    assert column(value, "op_column", "ops") == ["add", "remove"]
+    rows = read_columns(value)
+    assert (rows.seqs, rows.user_ids, rows.segment_ids, rows.ops) == (
+        [1, 2], ["u1", "u2"], ["s1", "s1"], ["add", "remove"])
+
+
+@pytest.mark.parametrize("history", ["AudienceRows.v2", "SegmentChanges.v1"])
+def test_dictionary_column_writers_are_read_as_columns(history: str) -> None:
+    old = {"batch_id": "old-2", "mode": "add", "source_position": 7, "seqs": [5, 9, -1],
+           "user_ids": ["u1", "u2", "u3"], "segment_ids": [], "ops": [],
+           "segment_column": {"values": ["s1", "s2"], "index": [1, 0, 1]},
+           "op_column": {"values": ["add", "remove"], "index": [0, 0, 1]}}
+    _name, value = decode(_written_by(history, old))
+    rows = read_columns(value)
+    assert (rows.seqs, rows.user_ids, rows.segment_ids, rows.ops) == (
+        [5, 9, -1], ["u1", "u2", "u3"], ["s2", "s1", "s2"], ["add", "add", "remove"])
 
 
 def test_history_writer_without_a_current_reader() -> None:

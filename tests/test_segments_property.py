@@ -27,7 +27,7 @@ from processors.segments import (
 from streams.api import Input, Output
 from streams.state.store import PartitionStore
 from tests.support import expected_members
-from topics.columns import column
+from topics.columns import read_columns, write_columns
 from topics.partitioner import partition_for
 from topics.spec import CHANGES, EVENTS
 
@@ -75,9 +75,10 @@ def pack(batch: Batch, partitions: int, k: int) -> dict[int, list[Message]]:
     for p, (seqs, users, segs, ops) in cols.items():
         out[p] = [
             Message((batch.batch_id, p, "rows", k, start), "AudienceRows", {
-                "batch_id": batch.batch_id, "mode": batch.mode, "seqs": seqs[start:start + k],
-                "user_ids": users[start:start + k], "segment_ids": segs[start:start + k],
-                "ops": ops[start:start + k], "attributes": None})
+                "batch_id": batch.batch_id, "mode": batch.mode,
+                **write_columns(seqs[start:start + k], users[start:start + k],
+                                segs[start:start + k], ops[start:start + k]),
+                "attributes": None})
             for start in range(0, len(seqs), k)
         ]
     return out
@@ -193,8 +194,8 @@ def first_delivery_fold(messages: list[Message]) -> set[tuple[str, str]]:
     for msg in messages:
         if msg.schema != "AudienceRows":
             continue
-        v = msg.value
-        for seq, user, segment, op in zip(v["seqs"], v["user_ids"], v["segment_ids"], v["ops"],
+        v, rows = msg.value, read_columns(msg.value)
+        for seq, user, segment, op in zip(rows.seqs, rows.user_ids, rows.segment_ids, rows.ops,
                                           strict=True):
             if (v["batch_id"], seq) in seen:
                 continue
@@ -221,10 +222,10 @@ def check_outputs(run: Run, batches: list[Batch], partitions: int) -> None:
                 assert out.topic == CHANGES and out.partition == p
                 v = out.value
                 assert v["batch_id"] not in markers, "a change after its batch's end marker"
-                segments = column(v, "segment_column", "segment_ids")
-                ops = column(v, "op_column", "ops")
-                assert len(v["user_ids"]) == len(segments) == len(ops) == len(v["seqs"]) > 0
-                for user, segment, op in zip(v["user_ids"], segments, ops, strict=True):
+                rows = read_columns(v)
+                assert len(rows) > 0
+                for user, segment, op in zip(rows.user_ids, rows.segment_ids, rows.ops,
+                                             strict=True):
                     assert partition_for(user, partitions) == p
                     if op == "add":
                         assert (segment, user) not in folded, f"add of a member {segment, user}"
@@ -233,7 +234,7 @@ def check_outputs(run: Run, batches: list[Batch], partitions: int) -> None:
                         assert op == "remove"
                         assert (segment, user) in folded, f"remove of a non-member {segment, user}"
                         folded.discard((segment, user))
-                changes[v["batch_id"]] += len(v["user_ids"])
+                changes[v["batch_id"]] += len(rows)
             elif out.schema == "EndMarker":
                 assert out.topic == CHANGES and out.partition == p
                 assert out.value["batch_id"] not in markers, "two end markers for one batch"
@@ -354,7 +355,7 @@ def test_end_marker_count_mismatch_fails_the_batch(data: st.DataObject) -> None:
     count = marker.value["count"]
     if count and data.draw(st.booleans(), label="lose a message"):
         lost = messages.pop(data.draw(st.integers(0, len(messages) - 2), label="lost"))
-        applied = count - len(lost.value["seqs"])
+        applied = count - len(read_columns(lost.value))
     else:
         applied = count
         count += data.draw(st.sampled_from([-1, 1, 7]).filter(lambda d: count + d >= 0))
@@ -399,10 +400,10 @@ def test_replace_end_marker_removes_unlisted_members_of_named_segments_only() ->
     assert run.members() == {("seg-a", "user-2"), ("seg-a", "user-4"), ("seg-b", "user-3")}
     changes = [o.value for o in run.outputs[0] if o.schema == "SegmentChanges"]
     # b2's rows add user-4 only (user-2 is re-affirmed); its end marker removes user-1.
-    assert [(c["batch_id"], c["user_ids"], column(c, "op_column", "ops"))
+    assert [(c["batch_id"], read_columns(c).user_ids, read_columns(c).ops)
             for c in changes[-2:]] == [
         ("b2", ["user-4"], ["add"]), ("b2", ["user-1"], ["remove"])]
-    assert changes[-1]["seqs"] == [-1]
+    assert read_columns(changes[-1]).seqs == [-1]
 
 
 # --------------------------------------------------------------- encodings and changelog

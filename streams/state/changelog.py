@@ -9,8 +9,10 @@ void, and recovery skips them.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from topics.codec import decode, encode, schema_name
+from topics.columns import pack_text, unpack_text
 from topics.log import Log, Producer
 
 MAX_ENTRIES = 20_000  # per message, to keep messages well under broker size limits
@@ -22,9 +24,13 @@ def write_changes(producer: Producer, topic: str, partition: int, applied: int,
     for table, entries in changes.items():
         for start in range(0, len(entries), MAX_ENTRIES):
             part = entries[start : start + MAX_ENTRIES]
+            kept = [(k, v) for k, v in part if v is not None]
+            deleted = [k for k, v in part if v is None]
             producer.send(topic, partition, encode("Changelog", {
-                "table": table, "input_position": applied,
-                "keys": [k for k, _v in part], "values": [v for _k, v in part]}))
+                "table": table, "input_position": applied, "count": len(kept),
+                "key_column": pack_text([k for k, _v in kept]),
+                "value_column": pack_text([v for _k, v in kept]),  # type: ignore[misc]
+                "deleted_count": len(deleted), "deleted_column": pack_text(deleted)}))
 
 
 def write_fence(producer: Producer, topic: str, partition: int, from_position: int) -> None:
@@ -51,4 +57,15 @@ def read_changes(log: Log, topic: str, partition: int
         _schema, value = decode(msg.value)
         if next_fence < len(fences) and value["input_position"] >= void_from[next_fence]:
             continue
-        yield value["table"], value["input_position"], value["keys"], value["values"]
+        yield value["table"], value["input_position"], *_entries(value)
+
+
+def _entries(value: dict[str, Any]) -> tuple[list[str], list[str | None]]:
+    """Keys and their values (None: deleted), from the packed columns or an older writer's
+    arrays. A key is set or deleted once per message, so the order between the two is free."""
+    if not value["count"] and not value["deleted_count"]:
+        return value["keys"], value["values"]
+    keys = unpack_text(value["key_column"], value["count"])
+    values: list[str | None] = unpack_text(value["value_column"], value["count"])  # type: ignore[assignment]
+    deleted = unpack_text(value["deleted_column"], value["deleted_count"])
+    return keys + deleted, values + [None] * len(deleted)
