@@ -13,11 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from connectors.change_set import ChangeSet
+import pyarrow as pa
+
+from connectors.change_set import CHANGE_COLUMNS, ChangeSet, record_batch
 from processors.events import batch_event
 from streams.api import Input, Output
 from streams.faults import crash_point
-from topics.columns import read_columns
 from topics.spec import CHANGES
 
 KIND_ORDER = {"SegmentChanges": 0, "EndMarker": 1}  # outputs of one input, in emission order
@@ -36,10 +37,8 @@ class ChangeWriter(Protocol):
 @dataclass
 class _Open:
     first_position: int = -1
-    user_ids: list[str] = field(default_factory=list)
-    segment_ids: list[str] = field(default_factory=list)
-    ops: list[str] = field(default_factory=list)
-    seqs: list[int] = field(default_factory=list)
+    batches: list[pa.RecordBatch] = field(default_factory=list)  # of the chunk being filled
+    rows: int = 0  # in `batches`
     received: int = 0  # changes of the batch in this partition so far, all chunks
 
 
@@ -68,25 +67,25 @@ class ChangeSink:
         key = (v["batch_id"], record.partition)
         buf = self._open.setdefault(key, _Open())
         if record.schema == "SegmentChanges":
-            if not buf.user_ids:
+            if not buf.rows:
                 buf.first_position = v["source_position"]
-            rows = read_columns(v)
-            buf.user_ids.extend(rows.user_ids)
-            buf.segment_ids.extend(rows.segment_ids)
-            buf.ops.extend(rows.ops)
-            buf.seqs.extend(rows.seqs)
-            buf.received += len(rows)
-            if len(buf.user_ids) >= self.chunk_rows:
+            changes = record_batch(v)
+            buf.batches.append(changes)
+            buf.rows += changes.num_rows
+            buf.received += changes.num_rows
+            if buf.rows >= self.chunk_rows:
                 self._flush(key, buf)
             return []
         return self._end_marker(key, buf, record)
 
     def _flush(self, key: tuple[str, int], buf: _Open) -> None:
-        if buf.user_ids:
-            self.writer.write_chunk(ChangeSet(key[0], key[1], buf.first_position, buf.user_ids,
-                                              buf.segment_ids, buf.ops, buf.seqs))
+        if buf.rows:
+            # One contiguous chunk: the bytes of an object must not depend on how the
+            # changes were split into messages.
+            columns = pa.Table.from_batches(buf.batches, CHANGE_COLUMNS).combine_chunks()
+            self.writer.write_chunk(ChangeSet(key[0], key[1], buf.first_position, columns))
             crash_point(f"sink-{self.name}.after_chunk")
-            buf.user_ids, buf.segment_ids, buf.ops, buf.seqs = [], [], [], []
+            buf.batches, buf.rows = [], 0
 
     def _end_marker(self, key: tuple[str, int], buf: _Open, record: Input) -> list[Output]:
         batch_id, partition = key

@@ -63,9 +63,7 @@ def _check_format(fmt: str) -> str:
 def _rows(changes: ChangeSet) -> Iterator[dict[str, Any]]:
     # A generator keeps one dict alive at a time; key order is the JSON key order.
     batch_id, partition = changes.batch_id, changes.partition
-    for user_id, segment_id, op, seq in zip(
-        changes.user_ids, changes.segment_ids, changes.ops, changes.seqs, strict=True
-    ):
+    for user_id, segment_id, op, seq in changes.rows():
         yield {
             "batch_id": batch_id,
             "partition": partition,
@@ -103,9 +101,7 @@ def _encode_jsonl(changes: ChangeSet) -> bytes:
     )
     return "".join(
         f'{head}{_json_str(u)},"segment_id":{_json_str(s)},"op":"{o}","seq":{q:d}}}\n'
-        for u, s, o, q in zip(
-            changes.user_ids, changes.segment_ids, changes.ops, changes.seqs, strict=True
-        )
+        for u, s, o, q in changes.rows()
     ).encode("utf-8")
 
 

@@ -191,6 +191,8 @@ class DuckDBWarehouse:
         attempts: int = 5,
         backoff_s: float = 0.05,
         sleep: Callable[[float], None] = time.sleep,
+        threads: int | None = None,
+        memory_limit: str = "",
     ) -> None:
         self.path = Path(path)
         self._attempts = max(1, attempts)
@@ -202,6 +204,15 @@ class DuckDBWarehouse:
         # Row order of a table means nothing here (merge orders by explicit columns), and
         # dropping it lets DuckDB materialize and insert in parallel without reordering.
         self._con.execute("SET preserve_insertion_order = false")
+        if threads is not None:
+            self._con.execute(f"SET threads = {int(threads)}")
+        if memory_limit:
+            try:
+                self._retry(f"setting memory_limit to {memory_limit!r}",
+                            lambda: self._con.execute("SET memory_limit = ?", [memory_limit]))
+            except WarehouseError:
+                self._con.close()
+                raise
         self._transaction("create schema", self._create_schema)
 
     # -- plumbing ---------------------------------------------------------------------

@@ -50,6 +50,11 @@ def _config_default_map(ctx: click.Context, _param: click.Parameter, value: str 
               help="Local object store root [default: DATA_DIR/s3].")
 @click.option("--warehouse", type=click.Path(dir_okay=False), default=None,
               help="DuckDB file [default: DATA_DIR/warehouse.duckdb].")
+@click.option("--warehouse-threads", type=click.IntRange(1), default=1,
+              help="DuckDB threads of the warehouse sink: its merges are per (batch, "
+              "partition) and leave the other cores to the processors.")
+@click.option("--warehouse-memory-limit", default="",
+              help="DuckDB memory_limit, e.g. 256MB [default: DuckDB's, 80% of RAM].")
 @click.option("--s3-prefix", default="audience/segment-changes",
               help="Key prefix of the S3 sink's objects.")
 @click.option("--message-rows", type=click.IntRange(1, 100_000), default=5000,

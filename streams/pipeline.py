@@ -67,7 +67,9 @@ class Pipeline:
 
         if self._warehouse is None:
             self.settings.warehouse_path.parent.mkdir(parents=True, exist_ok=True)
-            self._warehouse = DuckDBWarehouse(self.settings.warehouse_path)
+            self._warehouse = DuckDBWarehouse(
+                self.settings.warehouse_path, threads=self.settings.warehouse_threads,
+                memory_limit=self.settings.warehouse_memory_limit)
         return self._warehouse
 
     def import_request(self, path: str, **options: Any) -> ImportRequest:

@@ -25,6 +25,8 @@ class Settings:
     s3_root: Path | None = None  # local object store root; default <data_dir>/s3
     s3_prefix: str = "audience/segment-changes"
     warehouse: Path | None = None  # DuckDB file; default <data_dir>/warehouse.duckdb
+    warehouse_threads: int = 1
+    warehouse_memory_limit: str = ""  # DuckDB's memory_limit; "" keeps DuckDB's default
     max_rejects: str = "1%"
     message_rows: int = 5000
     chunk_rows: int = 100_000

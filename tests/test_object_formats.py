@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 import os
@@ -17,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from connectors.change_set import ARROW_SCHEMA, ChangeSet
+from connectors.change_set import ARROW_SCHEMA, ChangeSet, record_batch
 from connectors.object_formats import (
     FIELDS,
     FORMATS,
@@ -28,12 +27,14 @@ from connectors.object_formats import (
     encode_manifest,
     extension,
 )
+from topics.codec import decode, encode
+from topics.columns import write_columns
 
 REPO = Path(__file__).resolve().parent.parent
 
 # Ids that trip naive encoders: quotes, backslash, newline, non-ASCII, U+2028 (a line
 # break to str.splitlines but not to JSON), emoji.
-CHANGES = ChangeSet(
+CHANGES = ChangeSet.from_lists(
     batch_id="batch-é-1",
     partition=3,
     first_position=1200,
@@ -70,9 +71,37 @@ def test_change_set_to_arrow() -> None:
 
 def test_change_set_rejects_misaligned_columns_and_unknown_ops() -> None:
     with pytest.raises(ValueError, match="column lengths differ"):
-        ChangeSet("b", 0, 0, ["u1", "u2"], ["s1"], ["add"], [1])
+        ChangeSet.from_lists("b", 0, 0, ["u1", "u2"], ["s1"], ["add"], [1])
     with pytest.raises(ValueError, match=r"unknown ops \['replace'\]"):
-        ChangeSet("b", 0, 0, ["u1"], ["s1"], ["replace"], [1])
+        ChangeSet.from_lists("b", 0, 0, ["u1"], ["s1"], ["replace"], [1])
+
+
+@pytest.mark.parametrize("segments", [3, 300])  # 1-byte and 2-byte dictionary indexes
+def test_record_batch_reads_packed_segment_changes(segments: int) -> None:
+    users = [f"user-{i}" for i in range(1000)]
+    segs = [f"seg-{i % segments}" for i in range(1000)]
+    ops = ["add" if i % 3 else "remove" for i in range(1000)]
+    seqs = [i * 7 - 1 for i in range(1000)]
+    value = {"batch_id": "b", "source_position": 5, **write_columns(seqs, users, segs, ops)}
+    _name, decoded = decode(encode("SegmentChanges", value))
+    expected = ChangeSet.from_lists("b", 0, 5, users, segs, ops, seqs)
+    assert record_batch(decoded).to_pylist() == expected.columns.to_pylist()
+
+
+def test_record_batch_reads_an_older_writers_arrays() -> None:
+    value = {"count": 0, "user_ids": ["u1", "u2"], "segment_ids": ["s", "t"],
+             "ops": ["add", "remove"], "seqs": [3, -1]}
+    assert record_batch(value).to_pylist() == [
+        {"user_id": "u1", "segment_id": "s", "op": "add", "seq": 3},
+        {"user_id": "u2", "segment_id": "t", "op": "remove", "seq": -1}]
+
+
+def test_record_batch_refuses_columns_of_the_wrong_size() -> None:
+    value = write_columns([1, 2], ["u1", "u2"], ["s", "s"], ["add", "add"])
+    with pytest.raises(ValueError, match="of 2 rows holds 2 user ids and 1 row numbers"):
+        record_batch({**value, "seq_column": value["seq_column"][:8]})
+    with pytest.raises(ValueError, match="dictionary column of 1 bytes for 2 rows"):
+        record_batch({**value, "op_dictionary": {"values": ["add"], "index": b"\0"}})
 
 
 # -- encodings ---------------------------------------------------------------------------
@@ -82,18 +111,21 @@ def test_change_set_rejects_misaligned_columns_and_unknown_ops() -> None:
 def test_encoding_is_byte_identical_and_round_trips(fmt: str) -> None:
     data = encode_changes(CHANGES, fmt)
     assert encode_changes(CHANGES, fmt) == data
-    rebuilt = ChangeSet(**{**_fields(CHANGES), "user_ids": list(CHANGES.user_ids)})
+    rebuilt = ChangeSet.from_lists(**{**_fields(CHANGES), "user_ids": list(CHANGES.user_ids)})
     assert encode_changes(rebuilt, fmt) == data  # equal content, distinct objects
     assert decode_changes(data, fmt) == _expected_rows(CHANGES)
 
 
 def _fields(cs: ChangeSet) -> dict[str, Any]:
-    return dataclasses.asdict(cs)
+    """The arguments of ChangeSet.from_lists that make `cs` again."""
+    return {"batch_id": cs.batch_id, "partition": cs.partition,
+            "first_position": cs.first_position, "user_ids": cs.user_ids,
+            "segment_ids": cs.segment_ids, "ops": cs.ops, "seqs": cs.seqs}
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_empty_change_set(fmt: str) -> None:
-    empty = ChangeSet("b", 0, 0, [], [], [], [])
+    empty = ChangeSet.from_lists("b", 0, 0, [], [], [], [])
     data = encode_changes(empty, fmt)
     assert data == encode_changes(empty, fmt)
     assert decode_changes(data, fmt) == []
@@ -105,7 +137,7 @@ def test_same_bytes_in_another_process() -> None:
         "import sys, json\n"
         "from connectors.change_set import ChangeSet\n"
         "from connectors.object_formats import encode_changes, FORMATS\n"
-        "cs = ChangeSet(**json.loads(sys.stdin.read()))\n"
+        "cs = ChangeSet.from_lists(**json.loads(sys.stdin.read()))\n"
         "sys.stdout.write(json.dumps({f: encode_changes(cs, f).hex() for f in FORMATS}))\n"
     )
     out = subprocess.run(
@@ -134,7 +166,7 @@ def test_avro_is_a_standard_container_file() -> None:
 
 
 def test_avro_sync_marker_depends_on_chunk_identity() -> None:
-    moved = ChangeSet(**{**_fields(CHANGES), "first_position": 1201})
+    moved = ChangeSet.from_lists(**{**_fields(CHANGES), "first_position": 1201})
     assert avro_sync_marker(moved) != avro_sync_marker(CHANGES)
     assert len(avro_sync_marker(moved)) == 16
     assert encode_changes(moved, "avro") != encode_changes(CHANGES, "avro")
@@ -178,7 +210,7 @@ ids = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
 @st.composite
 def change_sets(draw: st.DrawFn) -> ChangeSet:
     n = draw(st.integers(0, 30))
-    return ChangeSet(
+    return ChangeSet.from_lists(
         batch_id=draw(ids),
         partition=draw(st.integers(0, 2**31 - 1)),
         first_position=draw(st.integers(0, 2**62)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tempfile
@@ -27,7 +28,7 @@ Change = tuple[str, str, str, int]  # (user_id, segment_id, op, seq)
 
 
 def chunk(batch: str, partition: int, first_position: int, changes: list[Change]) -> ChangeSet:
-    return ChangeSet(
+    return ChangeSet.from_lists(
         batch_id=batch,
         partition=partition,
         first_position=first_position,
@@ -203,6 +204,23 @@ def test_reopening_keeps_data_and_schema(db: Path) -> None:
 
 
 # -- batch status ------------------------------------------------------------------------
+
+
+def test_threads_and_memory_limit_are_set_on_the_connection(db: Path) -> None:
+    wh = DuckDBWarehouse(db, threads=1, memory_limit="64MB")
+    try:
+        ((threads, limit),) = wh._query(
+            "settings", "SELECT current_setting('threads'), current_setting('memory_limit')")
+        assert threads == 1 and limit.endswith("MiB") and float(limit.split()[0]) < 64
+    finally:
+        wh.close()
+
+
+def test_a_bad_memory_limit_names_the_setting_and_the_file(db: Path) -> None:
+    with pytest.raises(WarehouseError, match=r"setting memory_limit to 'lots' failed on DuckDB "
+                       rf"database {re.escape(str(db))}: .*Memory must have a number"):
+        DuckDBWarehouse(db, memory_limit="lots")
+    DuckDBWarehouse(db).close()  # the failed one let go of the file
 
 
 def test_upsert_batch_status(wh: DuckDBWarehouse) -> None:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 SEPARATOR = "\n"
-_BIG_ENDIAN = sys.byteorder == "big"
+LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 def pack_text(values: Sequence[str]) -> str:
@@ -45,7 +45,7 @@ def unpack_text(text: str, count: int) -> list[str]:
 
 def pack_longs(values: Sequence[int]) -> bytes:
     packed = array("q", values)
-    if _BIG_ENDIAN:
+    if not LITTLE_ENDIAN:
         packed.byteswap()
     return packed.tobytes()
 
@@ -54,12 +54,13 @@ def unpack_longs(data: bytes) -> list[int]:
     if len(data) % 8:
         raise ValueError(f"a packed integer column of {len(data)} bytes: not 8 bytes each")
     values = array("q", data)
-    if _BIG_ENDIAN:
+    if not LITTLE_ENDIAN:
         values.byteswap()
     return values.tolist()
 
 
-def _index_type(distinct: int) -> str:
+def index_type(distinct: int) -> str:
+    """The array typecode of a dictionary index over `distinct` values."""
     return "B" if distinct <= 1 << 8 else "H" if distinct <= 1 << 16 else "I"
 
 
@@ -67,17 +68,17 @@ def pack_dictionary(values: Sequence[str]) -> dict[str, Any]:
     distinct = list(dict.fromkeys(values))
     if len(distinct) == 1:
         return {"values": distinct, "index": bytes(len(values))}  # the common case: all zeros
-    index = array(_index_type(len(distinct)),
+    index = array(index_type(len(distinct)),
                   map({v: i for i, v in enumerate(distinct)}.__getitem__, values))
-    if _BIG_ENDIAN:
+    if not LITTLE_ENDIAN:
         index.byteswap()
     return {"values": distinct, "index": index.tobytes()}
 
 
 def unpack_dictionary(column: dict[str, Any], count: int) -> list[str]:
     distinct: list[str] = column["values"]
-    index = array(_index_type(len(distinct)), column["index"])
-    if _BIG_ENDIAN:
+    index = array(index_type(len(distinct)), column["index"])
+    if not LITTLE_ENDIAN:
         index.byteswap()
     if len(index) != count:
         raise ValueError(f"a dictionary column holds {len(index)} rows, expected {count}")
