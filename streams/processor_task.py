@@ -59,7 +59,7 @@ class ProcessorTask:
             self.stores.pop(tp.partition, None)
 
     # -- processing -----------------------------------------------------------------------
-    def step(self, max_messages: int = 200, timeout_s: float = 0.05) -> int:
+    def step(self, max_messages: int = 32, timeout_s: float = 0.05) -> int:
         """Processes what is available (waiting at most `timeout_s`); returns messages seen."""
         messages = self.consumer.poll(max_messages, timeout_s)
         process, send = self.processor.process, self.outputs.send
