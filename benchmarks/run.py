@@ -47,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -57,8 +57,12 @@ from benchmarks.generate import Spec, generate
 REPO = Path(__file__).resolve().parent.parent
 PHASES = ("import", "process", "e2e")
 PHASE_LABELS = {"import": "import", "process": "process+sinks", "e2e": "end to end"}
-TARGET_E2E_S = 8.0
-TARGET_RSS_MB = 500.0
+TARGET_E2E_S = {"embedded": 8.0, "kafka": 20.0}  # the issues' targets, per backend
+TARGET_RSS_MB = {"embedded": 500.0, "kafka": None}  # Kafka's issue sets no memory target
+# Tansu holds a group join for half the session timeout: Kafka's 45 s default would make
+# every start-up wait 23 s. The broker is local, so short timeouts are safe.
+KAFKA_GROUP_ENV = {"STREAMS_KAFKA_SESSION_TIMEOUT_MS": "2000",
+                   "STREAMS_KAFKA_HEARTBEAT_INTERVAL_MS": "500"}
 _BATCH_LINE = re.compile(r"^batch (\S+): ", re.MULTILINE)
 _BUSY_FIELDS = (0, 1, 2, 5, 6, 7)  # user nice system irq softirq steal in /proc/stat
 
@@ -175,6 +179,35 @@ def _child_env() -> dict[str, str]:
     return env
 
 
+@contextlib.contextmanager
+def _backend_env(backend: str, work: Path) -> Iterator[dict[str, str]]:
+    """Settings a measurement's processes need for the backend. On Kafka: a fresh local
+    Tansu broker (it keeps everything in memory, and the pipeline's topic names are fixed),
+    whose own memory is not in the figures."""
+    if backend != "kafka":
+        yield {}
+        return
+    from tests.kafka_broker import tansu
+
+    logs = work / "broker-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with tansu(logs) as bootstrap:
+        yield {"STREAMS_BOOTSTRAP": bootstrap, **KAFKA_GROUP_ENV}
+
+
+def _settings(data_dir: Path, backend: str) -> Any:
+    """Settings of an in-process measurement, with the backend's from the environment."""
+    from streams.settings import Settings
+
+    env = os.environ
+    timeout = env.get("STREAMS_KAFKA_SESSION_TIMEOUT_MS")
+    heartbeat = env.get("STREAMS_KAFKA_HEARTBEAT_INTERVAL_MS")
+    return Settings(data_dir=data_dir, backend=backend,
+                    bootstrap=env.get("STREAMS_BOOTSTRAP", ""),
+                    kafka_session_timeout_ms=int(timeout) if timeout else None,
+                    kafka_heartbeat_interval_ms=int(heartbeat) if heartbeat else None)
+
+
 def _streams(data_dir: Path, backend: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "streams", "--data-dir", str(data_dir), "--backend", backend,
             *args]
@@ -210,9 +243,8 @@ def process_child(data_dir: str, batch_id: str, backend: str, timeout_s: float) 
     closed, as `streams run` runs it after its import. Prints a JSON report on stdout."""
     started = time.perf_counter()
     from streams.pipeline import Pipeline
-    from streams.settings import Settings
 
-    pipe = Pipeline(Settings(data_dir=Path(data_dir), backend=backend))
+    pipe = Pipeline(_settings(Path(data_dir), backend))
     try:
         worker = pipe.worker()
         pipeline_task = next(t for t in worker.tasks if t.name == "pipeline")
@@ -287,26 +319,15 @@ def run_case(spec: Spec, path: Path, work: Path, args: argparse.Namespace,
     for i in range(args.repeat):
         if "import" in args.phases or "process" in args.phases:
             data = _fresh(work, f"r{n}-split-{i}")
-            imported = measure(_streams(data / "data", args.backend, "import", str(path), "-q"),
-                               data, env, args.timeout, args.tree_rss)
-            if "import" in args.phases:
-                runs["import"].append(imported)
-            if "process" in args.phases:
-                m = measure([sys.executable, "-m", "benchmarks.run", "--process-child",
-                             str(data / "data"), _batch_id(imported.stdout),
-                             "--backend", args.backend, "--timeout", str(args.timeout)],
-                            data, env, args.timeout + 60, args.tree_rss)
-                runs["process"].append(m)
-                report = json.loads(m.stdout.strip().splitlines()[-1])
-                if (n not in breakdowns
-                        or report["worker_s"] < breakdowns[n]["worker_s"]):
-                    breakdowns[n] = report
+            with _backend_env(args.backend, work) as extra:
+                _import_and_process(n, path, data, {**env, **extra}, args, runs, breakdowns)
             if not args.keep:
                 shutil.rmtree(data, ignore_errors=True)
         if "e2e" in args.phases:
             data = _fresh(work, f"r{n}-e2e-{i}")
-            m = measure(_streams(data / "data", args.backend, "run", str(path), "-q"),
-                        data, env, args.timeout, args.tree_rss)
+            with _backend_env(args.backend, work) as extra:
+                m = measure(_streams(data / "data", args.backend, "run", str(path), "-q"),
+                            data, {**env, **extra}, args.timeout, args.tree_rss)
             _check_closed(m.stdout)
             runs["e2e"].append(m)
             if not args.keep:
@@ -320,6 +341,24 @@ def run_case(spec: Spec, path: Path, work: Path, args: argparse.Namespace,
         calm = [m for m in ms if not m.disturbed] or ms
         rows.append(Row(n, phase, min(calm, key=lambda m: m.seconds), ms))
     return rows
+
+
+def _import_and_process(n: int, path: Path, data: Path, env: dict[str, str],
+                        args: argparse.Namespace, runs: dict[str, list[Measurement]],
+                        breakdowns: dict[int, dict[str, Any]]) -> None:
+    imported = measure(_streams(data / "data", args.backend, "import", str(path), "-q"),
+                       data, env, args.timeout, args.tree_rss)
+    if "import" in args.phases:
+        runs["import"].append(imported)
+    if "process" in args.phases:
+        m = measure([sys.executable, "-m", "benchmarks.run", "--process-child",
+                     str(data / "data"), _batch_id(imported.stdout),
+                     "--backend", args.backend, "--timeout", str(args.timeout)],
+                    data, env, args.timeout + 60, args.tree_rss)
+        runs["process"].append(m)
+        report = json.loads(m.stdout.strip().splitlines()[-1])
+        if n not in breakdowns or report["worker_s"] < breakdowns[n]["worker_s"]:
+            breakdowns[n] = report
 
 
 def format_table(rows: list[Row]) -> str:
@@ -353,9 +392,8 @@ def _whole_pipeline(data_dir: Path, backend: str, path: Path) -> str:
     """Import, then every role (processors and sinks) in this one process until the batch is
     closed: the whole pipeline's code on one thread, which is what a profile can see."""
     from streams.pipeline import Pipeline
-    from streams.settings import Settings
 
-    pipe = Pipeline(Settings(data_dir=data_dir, backend=backend))
+    pipe = Pipeline(_settings(data_dir, backend))
     try:
         batch_id = pipe.importer().run(pipe.import_request(str(path))).batch_id
         worker = pipe.worker()
@@ -481,11 +519,12 @@ def main(argv: list[str] | None = None) -> int:
         e2e = [r for r in table if r.phase == "e2e"]
         for r in e2e:
             peak = max(max(m.peak_rss_mb, m.tree_rss_mb or 0.0) for m in r.runs)
-            verdict = ("meets" if r.best.seconds < TARGET_E2E_S and peak < TARGET_RSS_MB
-                       else "misses")
+            target_s, target_mb = TARGET_E2E_S[args.backend], TARGET_RSS_MB[args.backend]
+            meets = r.best.seconds < target_s and (target_mb is None or peak < target_mb)
+            memory = "" if target_mb is None else f" and < {target_mb:g} MB, process tree"
             if r.rows == 1_000_000:
-                print(f"target (1M rows end to end < {TARGET_E2E_S:g}s and < "
-                      f"{TARGET_RSS_MB:g} MB, process tree, every run): {verdict}")
+                print(f"target on {args.backend} (1M rows end to end < {target_s:g}s{memory}, "
+                      f"every run): {'meets' if meets else 'misses'}")
         if args.repeat > 1:
             print(f"(best of {args.repeat} runs per phase; peak RSS of that run)")
         cals = [m.cal_ms for r in table for m in r.runs]

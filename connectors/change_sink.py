@@ -21,7 +21,9 @@ from streams.api import Input, Output
 from streams.faults import crash_point
 from topics.spec import CHANGES
 
-KIND_ORDER = {"SegmentChanges": 0, "EndMarker": 1}  # outputs of one input, in emission order
+# Outputs of one input, in emission order: its SegmentChanges parts 0, 1, ..., then the
+# EndMarker after every part.
+END_MARKER_ORDER = 1 << 32
 
 
 class ChangeWriter(Protocol):
@@ -53,7 +55,9 @@ class ChangeSink:
         self._open: dict[tuple[str, int], _Open] = {}
 
     def stamp(self, record: Input) -> tuple[int, int]:
-        return record.value["source_position"], KIND_ORDER[record.schema]
+        v = record.value
+        order = v["part"] if record.schema == "SegmentChanges" else END_MARKER_ORDER
+        return v["source_position"], order
 
     def idle(self, partition: int) -> bool:
         return not any(p == partition for _b, p in self._open)

@@ -89,6 +89,10 @@ def decode_progress(text: str) -> BatchProgress:
     return BatchProgress(int(max_seq), int(applied), int(changes), done == "1")
 
 
+# A replace end marker may remove most of a partition: its removals go out in messages of
+# this many rows, so that none outgrows a broker's message size limit.
+REMOVALS_PER_MESSAGE = 5000
+
 MEMBERS = TableSpec("members", encode_memberships, decode_memberships)
 BATCHES = TableSpec("batches", encode_progress, decode_progress)
 
@@ -195,11 +199,11 @@ class AudienceSegments:
                                 step="segments", error=error)]
         outputs: list[Output] = []
         removed = self._replace(members, batch_id, m["segments"]) if m["mode"] == "replace" else []
-        if removed:
-            users = [u for u, _s in removed]
-            segments = [s for _u, s in removed]
-            outputs.append(self._changes(record, batch_id, users, segments,
-                                         ["remove"] * len(users), [-1] * len(users)))
+        for part, start in enumerate(range(0, len(removed), REMOVALS_PER_MESSAGE)):
+            chunk = removed[start : start + REMOVALS_PER_MESSAGE]
+            outputs.append(self._changes(record, batch_id, [u for u, _s in chunk],
+                                         [s for _u, s in chunk], ["remove"] * len(chunk),
+                                         [-1] * len(chunk), part))
         changes = progress.changes + len(removed)
         batches.set(batch_id, BatchProgress(progress.max_seq, progress.applied, changes, True))
         outputs.append(Output(CHANGES, "EndMarker", {
@@ -229,7 +233,7 @@ class AudienceSegments:
 
     @staticmethod
     def _changes(record: Input, batch_id: str, users: list[str], segments: list[str],
-                 ops: list[str], seqs: list[int]) -> Output:
+                 ops: list[str], seqs: list[int], part: int = 0) -> Output:
         return Output(CHANGES, "SegmentChanges", {
-            "batch_id": batch_id, "source_position": record.position,
+            "batch_id": batch_id, "source_position": record.position, "part": part,
             **write_columns(seqs, users, segments, ops)}, partition=record.partition)

@@ -97,7 +97,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
                    "raw": "x,,y"},
     "EndMarker": {"batch_id": "b-1", "partition": 2, "count": 5, "total": 20, "mode": "add",
                   "segments": ["s1", "s2"], "source_position": 99},
-    "SegmentChanges": {"batch_id": "b-1", "source_position": 40,
+    "SegmentChanges": {"batch_id": "b-1", "source_position": 40, "part": 0,
                        **write_columns([-1], ["u1"], ["s1"], ["remove"]), **_LEGACY_EMPTY},
 }
 

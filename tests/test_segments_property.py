@@ -11,11 +11,17 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import processors.segments as segments_module
+from connectors.change_sink import ChangeSink
+from connectors.object_store import LocalObjectStore
+from connectors.s3_sink import S3Sink
 from processors.segments import (
     AudienceSegments,
     BatchProgress,
@@ -404,6 +410,27 @@ def test_replace_end_marker_removes_unlisted_members_of_named_segments_only() ->
             for c in changes[-2:]] == [
         ("b2", ["user-4"], ["add"]), ("b2", ["user-1"], ["remove"])]
     assert read_columns(changes[-1]).seqs == [-1]
+
+
+def test_replace_removals_span_messages_whose_stamps_rise(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: all of a replace end marker's removals went out in one message, which
+    for a large partition outgrew Kafka's message limit. Now they are split into parts, and
+    the sinks' stamps (source position, part; end marker last) keep every part."""
+    monkeypatch.setattr(segments_module, "REMOVALS_PER_MESSAGE", 2)
+    first = Batch("b1", "add", [(f"user-{i}", "seg-a", "add") for i in range(6)])
+    second = Batch("b2", "replace", [("user-0", "seg-a", "add")])
+    run = deliver({0: [*batch_queues(first, 1, 10, {})[0], *batch_queues(second, 1, 10, {})[0]]})
+    last = [o for o in run.outputs[0] if o.value.get("batch_id") == "b2"
+            and o.schema in ("SegmentChanges", "EndMarker")]
+    assert [(o.schema, o.value.get("part")) for o in last] == [
+        ("SegmentChanges", 0), ("SegmentChanges", 1), ("SegmentChanges", 2), ("EndMarker", None)]
+    assert [u for o in last[:-1] for u in read_columns(o.value).user_ids] == [
+        f"user-{i}" for i in range(1, 6)]
+    assert last[-1].value["count"] == 5
+    sink = ChangeSink(S3Sink(LocalObjectStore(Path("/nonexistent"))), partitions=1)
+    stamps = [sink.stamp(Input(o.schema, o.value, 0, 99, 0)) for o in last]
+    assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)
 
 
 # --------------------------------------------------------------- encodings and changelog

@@ -15,7 +15,9 @@ from topics.codec import decode, encode, schema_name
 from topics.columns import pack_text, unpack_text
 from topics.log import Log, Producer
 
-MAX_ENTRIES = 20_000  # per message, to keep messages well under broker size limits
+MAX_ENTRIES = 20_000  # per message
+# Per message, well under Kafka's default 1 MiB request limit whatever the keys and values.
+MAX_BYTES = 512 * 1024
 FENCE = "ChangelogFence"
 
 
@@ -23,14 +25,23 @@ def write_changes(producer: Producer, topic: str, partition: int, applied: int,
                   changes: dict[str, list[tuple[str, str | None]]]) -> None:
     for table, entries in changes.items():
         for start in range(0, len(entries), MAX_ENTRIES):
-            part = entries[start : start + MAX_ENTRIES]
-            kept = [(k, v) for k, v in part if v is not None]
-            deleted = [k for k, v in part if v is None]
-            producer.send(topic, partition, encode("Changelog", {
-                "table": table, "input_position": applied, "count": len(kept),
-                "key_column": pack_text([k for k, _v in kept]),
-                "value_column": pack_text([v for _k, v in kept]),  # type: ignore[misc]
-                "deleted_count": len(deleted), "deleted_column": pack_text(deleted)}))
+            for value in _messages(table, applied, entries[start : start + MAX_ENTRIES]):
+                producer.send(topic, partition, value)
+
+
+def _messages(table: str, applied: int, part: list[tuple[str, str | None]]) -> list[bytes]:
+    """The entries as one message, or as halves (recursively) while that is over MAX_BYTES."""
+    kept = [(k, v) for k, v in part if v is not None]
+    deleted = [k for k, v in part if v is None]
+    value = encode("Changelog", {
+        "table": table, "input_position": applied, "count": len(kept),
+        "key_column": pack_text([k for k, _v in kept]),
+        "value_column": pack_text([v for _k, v in kept]),  # type: ignore[misc]
+        "deleted_count": len(deleted), "deleted_column": pack_text(deleted)})
+    if len(value) <= MAX_BYTES or len(part) == 1:
+        return [value]
+    half = len(part) // 2
+    return _messages(table, applied, part[:half]) + _messages(table, applied, part[half:])
 
 
 def write_fence(producer: Producer, topic: str, partition: int, from_position: int) -> None:
