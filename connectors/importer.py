@@ -17,7 +17,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from itertools import chain
+from itertools import chain, repeat
 from operator import itemgetter
 from pathlib import Path
 from typing import Any
@@ -172,12 +172,15 @@ class Importer:
     def _spool_chunk(self, spool: Spool, batch_id: str, req: ImportRequest, chunk: RowChunk,
                      counts: list[int]) -> None:
         n = self.partitions
-        pids = [(murmurhash2(user.encode("utf-8"), KAFKA_SEED) & 0x7FFFFFFF) % n
-                for user in chunk.user_ids]
+        rows_of: list[list[int]] = [[] for _ in range(n)]  # row indexes per partition
+        append = [rows.append for rows in rows_of]
+        hashes = map(murmurhash2, map(str.encode, chunk.user_ids), repeat(KAFKA_SEED))
+        for i, h in enumerate(hashes):
+            append[(h & 0x7FFFFFFF) % n](i)
         step = req.message_rows
         for partition in range(n):
             # Columns are gathered per partition with itemgetter: the loop stays in C.
-            pick = _picker([i for i, p in enumerate(pids) if p == partition])
+            pick = _picker(rows_of[partition])
             seqs, users = pick(chunk.seqs), pick(chunk.user_ids)
             segs, ops = pick(chunk.segment_ids), pick(chunk.ops)
             attrs = pick(chunk.attributes) if chunk.attributes is not None else None
