@@ -25,7 +25,9 @@ class S3Sink:
         self.store = store
         self.fmt = fmt
         self.prefix = prefix
-        self._written: dict[tuple[str, int], list[ManifestEntry]] = {}
+        # Per open (batch, partition), its objects by URL: a chunk written again (a batch
+        # re-read after a crash or a rebalance) replaces its entry, as it replaces its object.
+        self._written: dict[tuple[str, int], dict[str, ManifestEntry]] = {}
 
     def batch_prefix(self, batch_id: str) -> str:
         return f"{self.prefix}/batch={batch_id}"
@@ -38,13 +40,14 @@ class S3Sink:
                f"part-{changes.first_position:020d}{extension(self.fmt)}")
         data = encode_changes(changes, self.fmt)
         self.store.put(key, data)
-        entries = self._written.setdefault((changes.batch_id, changes.partition), [])
-        entries.append(ManifestEntry(self.store.url(key), len(data), len(changes)))
+        url = self.store.url(key)
+        entries = self._written.setdefault((changes.batch_id, changes.partition), {})
+        entries[url] = ManifestEntry(url, len(data), len(changes))
 
     def close_partition(self, batch_id: str, partition: int, partitions: int) -> str:
-        entries = self._written.pop((batch_id, partition), [])
+        entries = self._written.pop((batch_id, partition), {})
         self.store.put(f"{self._partition_prefix(batch_id, partition)}/_manifest.json",
-                       encode_manifest(entries, batch_id=batch_id, fmt=self.fmt))
+                       encode_manifest(entries.values(), batch_id=batch_id, fmt=self.fmt))
         self._write_batch_manifest(batch_id, partitions)
         return self.store.url(f"{self.batch_prefix(batch_id)}/manifest.json")
 

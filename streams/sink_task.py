@@ -102,8 +102,12 @@ class SinkTask:
                     emitted = True
             # A skipped duplicate may be committed past only where the stamp is kept beside
             # the position; elsewhere the committed message must carry the highest stamp.
+            # A duplicate stamped exactly the highest (the re-emitted copy of the last value
+            # applied, e.g. an end marker re-sent after a processor crash) does carry it:
+            # without committing it, a log that keeps no commit metadata (Tansu) would hold
+            # a tail of re-emitted duplicates uncommitted forever (a lag that never drains).
             if self.sink.idle(msg.partition):
-                if processed or self._metadata_kept:
+                if processed or self._metadata_kept or stamp == last:
                     self._committable[msg.tp] = msg.position
                 elif self._metadata_kept is None:  # decided at the next commit
                     self._skipped[msg.tp] = msg.position

@@ -8,7 +8,8 @@ Fixtures:
 
 Use them from a test module with
     from tests.kafka_broker import kafka_bootstrap  # noqa: F401
-(or from a conftest.py). Tansu keeps everything in memory: a stopped broker forgets all.
+(or from a conftest.py); `cli_env(bootstrap)` is the environment of a `streams` process on
+such a broker. Tansu keeps everything in memory: a stopped broker forgets all.
 Group timeouts in tests must be short (GROUP_TIMEOUTS): Tansu holds a join for half the
 session timeout, and kafka-python's default session is 45 s.
 """
@@ -32,6 +33,14 @@ import pytest
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
 GROUP_TIMEOUTS = {"session_timeout_ms": 2000, "heartbeat_interval_ms": 500}
+
+
+def cli_env(bootstrap: str) -> dict[str, str]:
+    """Environment for a `streams` process on the broker at `bootstrap`, with the short group
+    timeouts Tansu needs (GROUP_TIMEOUTS)."""
+    return {"STREAMS_BACKEND": "kafka", "STREAMS_BOOTSTRAP": bootstrap,
+            "STREAMS_KAFKA_SESSION_TIMEOUT_MS": str(GROUP_TIMEOUTS["session_timeout_ms"]),
+            "STREAMS_KAFKA_HEARTBEAT_INTERVAL_MS": str(GROUP_TIMEOUTS["heartbeat_interval_ms"])}
 
 
 def unique(prefix: str) -> str:

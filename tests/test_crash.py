@@ -5,10 +5,20 @@ status topic) must hold each change exactly once: nothing lost, nothing doubled.
 
 Kills come from `STREAMS_CRASH_AT` (streams/faults.py: the process SIGKILLs itself at a
 crash point) or from the test (Popen + SIGKILL after a seeded random delay).
+
+Every test runs on the embedded backend; a representative subset also runs on Kafka (a
+Tansu broker of the test's own, tests/kafka_broker.py), with the same inputs and the same
+checks: ids `kafka-...`, select them with `-k kafka`. On Kafka a run costs more (group joins
+wait half the session timeout, a SIGKILLed member lingers until its session times out), so
+the subset covers each kind of crash once: mid-import, between end markers, mid-processing
+in the segments and the pipeline processors, a sink after a chunk and before its commit, a
+replace batch, kills from outside at random times, and a separate worker killed, restarted
+and stopped cleanly. Scale-out (workers sharing partitions) is in test_scale_out.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -17,7 +27,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,12 +39,19 @@ import pytest
 from connectors.object_formats import decode_changes, extension
 from connectors.status_sink import StatusTableSink
 from connectors.warehouse import DuckDBWarehouse
+from streams.api import Input
 from streams.outputs import OutputWriter
 from streams.sink_task import SinkTask
+from tests.kafka_broker import GROUP_TIMEOUTS, fresh_kafka_bootstrap
+from tests.kafka_broker import cli_env as kafka_cli_env
 from tests.support import expected_members, random_rows, run_cli, warehouse_members, write_csv
 from topics.backends import open_log
-from topics.codec import decode
-from topics.spec import BATCH_STATUS, CHANGES, EVENTS, ROWS
+from topics.backends.embedded.log import EmbeddedLog
+from topics.codec import decode, encode
+from topics.log import Log, RebalanceListener, TopicPartition
+from topics.spec import BATCH_STATUS, CHANGES, EVENTS, ROWS, SPECS
+
+__all__ = ["fresh_kafka_bootstrap"]  # the fixture, requested by name for Kafka tests
 
 N_ROWS = 200_000
 PARTITIONS = 4
@@ -60,9 +77,58 @@ GROUPS = {
 }
 
 
-def cli_env(crash_at: str = "") -> dict[str, str]:
-    # STREAMS_CRASH_AT is always set, so that a value inherited by pytest cannot leak in.
-    return {**TUNING, "STREAMS_CRASH_AT": crash_at}
+EMBEDDED, KAFKA = "embedded", "kafka"
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a test's pipeline runs on: its data dir (local object store, warehouse, spool and
+    the embedded log) and its backend (embedded, or Kafka at `bootstrap`)."""
+
+    data_dir: Path
+    backend: str = EMBEDDED
+    bootstrap: str = ""
+
+    def env(self, crash_at: str = "") -> dict[str, str]:
+        """Environment of a `streams` process on this target. STREAMS_CRASH_AT is always
+        set, so that a value inherited by pytest cannot leak in."""
+        backend = kafka_cli_env(self.bootstrap) if self.backend == KAFKA else {}
+        return {**TUNING, **backend, "STREAMS_CRASH_AT": crash_at}
+
+    def open_log(self) -> Log:
+        if self.backend == KAFKA:
+            return open_log(f"kafka://{self.bootstrap}", **GROUP_TIMEOUTS)
+        return open_log(f"embedded://{(self.data_dir / 'log').resolve()}")
+
+    @property
+    def poll_interval(self) -> float:
+        """Between reads of the log's groups and topics while waiting: a Kafka read opens
+        clients and fetches (tens of ms of the 2 cores the pipeline needs)."""
+        return 0.25 if self.backend == KAFKA else 0.05
+
+
+@pytest.fixture
+def backend() -> str:
+    return EMBEDDED  # tests parametrised by "backend" override this
+
+
+@pytest.fixture
+def target(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Target:
+    if backend == KAFKA:  # a broker of the test's own: the pipeline's topic names are fixed
+        return Target(tmp_path / "data", KAFKA, request.getfixturevalue("fresh_kafka_bootstrap"))
+    return Target(tmp_path / "data")
+
+
+def on_backends(values: list[str], on_kafka: tuple[str, ...]) -> list[Any]:
+    """(backend, value) cases: every value on the embedded backend (ids as they were before
+    Kafka), the values in `on_kafka` on Kafka too (ids `kafka-<value>`)."""
+    unknown = set(on_kafka) - set(values)
+    assert not unknown, f"Kafka cases that are not cases at all: {unknown}"
+    return ([pytest.param(EMBEDDED, v, id=v) for v in values]
+            + [pytest.param(KAFKA, v, id=f"kafka-{v}") for v in values if v in on_kafka])
+
+
+BOTH_BACKENDS = [EMBEDDED, KAFKA]
 
 
 @dataclass(frozen=True)
@@ -136,11 +202,39 @@ def has_opened_log(proc: subprocess.Popen[bytes], data_dir: Path) -> bool:
     return proc.poll() is not None
 
 
+def has_connected(proc: subprocess.Popen[bytes], port: int) -> bool:
+    """The process holds an established TCP connection to the broker at `port` (it has
+    started real work): its socket inodes, looked up in its network namespace's table."""
+    try:
+        links = []
+        for fd in os.listdir(f"/proc/{proc.pid}/fd"):
+            with contextlib.suppress(OSError):
+                links.append(os.readlink(f"/proc/{proc.pid}/fd/{fd}"))
+        with open(f"/proc/{proc.pid}/net/tcp", encoding="ascii") as table:
+            lines = table.read().splitlines()[1:]
+    except FileNotFoundError:  # exited
+        return proc.poll() is not None
+    sockets = {link[len("socket:["):-1] for link in links if link.startswith("socket:[")}
+    for line in lines:
+        fields = line.split()  # sl local remote state ... inode (10th)
+        remote_port = int(fields[2].rpartition(":")[2], 16)
+        if remote_port == port and fields[3] == "01" and fields[9] in sockets:
+            return True
+    return proc.poll() is not None
+
+
+def has_started(proc: subprocess.Popen[bytes], target: Target) -> bool:
+    if target.backend == KAFKA:
+        return has_connected(proc, int(target.bootstrap.rpartition(":")[2]))
+    return has_opened_log(proc, target.data_dir)
+
+
 # -- reading what the pipeline holds ---------------------------------------------------------
 
 
-def statuses(data_dir: Path) -> list[dict[str, Any]]:
-    return json.loads(run_cli("status", "--json", data_dir=data_dir, env=cli_env()).stdout)
+def statuses(target: Target) -> list[dict[str, Any]]:
+    return json.loads(run_cli("status", "--json", data_dir=target.data_dir,
+                              env=target.env()).stdout)
 
 
 def status_of(all_statuses: list[dict[str, Any]], source: Path) -> dict[str, Any]:
@@ -149,15 +243,15 @@ def status_of(all_statuses: list[dict[str, Any]], source: Path) -> dict[str, Any
     return found[0]
 
 
-def batch_is_closed(data_dir: Path, batch_id: str) -> bool:
+def batch_is_closed(target: Target, batch_id: str) -> bool:
     return any(s["batch_id"] == batch_id and s["status"] == "closed"
-               for s in statuses(data_dir))
+               for s in statuses(target))
 
 
-def group_lags(data_dir: Path, groups: tuple[str, ...] = tuple(GROUPS)) -> dict[str, int | None]:
+def group_lags(target: Target, groups: tuple[str, ...] = tuple(GROUPS)) -> dict[str, int | None]:
     """Messages after each group's committed positions, over all partitions of its topic
     (None: the group has not committed anything yet)."""
-    log = open_log(f"embedded://{(data_dir / 'log').resolve()}")
+    log = target.open_log()
     try:
         lags: dict[str, int | None] = {}
         for group in groups:
@@ -170,13 +264,13 @@ def group_lags(data_dir: Path, groups: tuple[str, ...] = tuple(GROUPS)) -> dict[
         log.close()
 
 
-def caught_up(data_dir: Path, groups: tuple[str, ...] = tuple(GROUPS)) -> bool:
-    return all(lag == 0 for lag in group_lags(data_dir, groups).values())
+def caught_up(target: Target, groups: tuple[str, ...] = tuple(GROUPS)) -> bool:
+    return all(lag == 0 for lag in group_lags(target, groups).values())
 
 
-def topic_values(data_dir: Path, topic: str, batch_id: str) -> list[dict[str, Any]]:
+def topic_values(target: Target, topic: str, batch_id: str) -> list[dict[str, Any]]:
     """Values of one batch on `topic`, partition by partition, in log order."""
-    log = open_log(f"embedded://{(data_dir / 'log').resolve()}")
+    log = target.open_log()
     try:
         values = (decode(msg.value)[1] for partition in log.partitions(topic)
                   for msg in log.read(topic, partition))
@@ -185,13 +279,13 @@ def topic_values(data_dir: Path, topic: str, batch_id: str) -> list[dict[str, An
         log.close()
 
 
-def events_of(data_dir: Path, batch_id: str, kind: str) -> list[dict[str, Any]]:
-    return [v for v in topic_values(data_dir, EVENTS, batch_id) if v["kind"] == kind]
+def events_of(target: Target, batch_id: str, kind: str) -> list[dict[str, Any]]:
+    return [v for v in topic_values(target, EVENTS, batch_id) if v["kind"] == kind]
 
 
-def status_snapshots(data_dir: Path, batch_id: str) -> list[dict[str, Any]]:
+def status_snapshots(target: Target, batch_id: str) -> list[dict[str, Any]]:
     """Snapshots of one batch on `pipeline.batch-status`, in log order."""
-    return [json.loads(v["json"]) for v in topic_values(data_dir, BATCH_STATUS, batch_id)]
+    return [json.loads(v["json"]) for v in topic_values(target, BATCH_STATUS, batch_id)]
 
 
 def batch_id_from_output(text: str) -> str:
@@ -292,19 +386,20 @@ def check_warehouse(data_dir: Path, status: dict[str, Any], start: set[tuple[str
         f"warehouse batch_status {rows[0]} != CLI status {status['closed_at']}"
 
 
-def check_closed_once(data_dir: Path, batch_id: str, closed_at: int) -> None:
+def check_closed_once(target: Target, batch_id: str, closed_at: int) -> None:
     """Snapshots may be re-emitted after a crash (outputs before changelog), but every closed
     snapshot of the batch carries the one time it closed."""
-    snapshots = status_snapshots(data_dir, batch_id)
+    snapshots = status_snapshots(target, batch_id)
     statuses_seen = [s["status"] for s in snapshots]
     assert "closed" in statuses_seen, f"no closed snapshot of {batch_id}: {statuses_seen}"
     assert "failed" not in statuses_seen, statuses_seen
     assert {s["closed_at"] for s in snapshots if s["status"] == "closed"} == {closed_at}
 
 
-def verify(data_dir: Path, history: list[Batch], fmt: str = "parquet") -> None:
+def verify(target: Target, history: list[Batch], fmt: str = "parquet") -> None:
     """Every batch of `history` (in order) is closed once and delivered exactly once."""
-    all_statuses = statuses(data_dir)
+    data_dir = target.data_dir
+    all_statuses = statuses(target)
     for i, batch in enumerate(history):
         start = expected_members((b.mode, b.rows) for b in history[:i])
         end = expected_members((b.mode, b.rows) for b in history[: i + 1])
@@ -319,7 +414,7 @@ def verify(data_dir: Path, history: list[Batch], fmt: str = "parquet") -> None:
         assert status["error"] == ""
         check_s3(data_dir, status["batch_id"], fmt, start, end, changes)
         check_warehouse(data_dir, status, start, end)
-        check_closed_once(data_dir, status["batch_id"], status["closed_at"])
+        check_closed_once(target, status["batch_id"], status["closed_at"])
     members = warehouse_members(data_dir)
     assert len(members) == len(set(members)), "duplicate (segment, user) rows in the warehouse"
     expected = sorted(expected_members((b.mode, b.rows) for b in history))
@@ -346,6 +441,11 @@ CRASH_POINTS = [
     "sink-warehouse.after_close:2",  # after a merge, before sink_committed
     "sink-warehouse.after_close:4",  # the last merge
 ]
+# One of each kind on Kafka (the replace batch and the random kills below add theirs). A
+# processor killed after its outputs (`*.after_outputs`) re-emits them; where a partition
+# then ends in duplicates, a sink on Tansu (no commit metadata) must still commit past them.
+KAFKA_CRASH_POINTS = ("import.publishing:8", "import.end_marker:2", "segments.after_outputs",
+                      "pipeline.after_outputs", "sink-warehouse.after_chunk:8")
 
 
 def assert_killed(crashed: subprocess.CompletedProcess[str], crash_at: str) -> None:
@@ -361,48 +461,44 @@ def assert_killed(crashed: subprocess.CompletedProcess[str], crash_at: str) -> N
         assert crashed.returncode == KILLED, detail
 
 
-def crash_then_rerun(args: tuple[str, ...], data_dir: Path, crash_at: str) -> None:
-    crashed = run_cli(*args, data_dir=data_dir, env=cli_env(crash_at), check=False)
+def crash_then_rerun(args: tuple[str, ...], target: Target, crash_at: str) -> None:
+    crashed = run_cli(*args, data_dir=target.data_dir, env=target.env(crash_at), check=False)
     assert_killed(crashed, crash_at)
-    rerun = run_cli(*args, data_dir=data_dir, env=cli_env())
+    rerun = run_cli(*args, data_dir=target.data_dir, env=target.env())
     assert re.search(r"^status\s+closed$", rerun.stdout, re.MULTILINE), rerun.stdout
 
 
-@pytest.mark.parametrize("crash_at", CRASH_POINTS)
+@pytest.mark.parametrize(("backend", "crash_at"), on_backends(CRASH_POINTS, KAFKA_CRASH_POINTS))
 def test_run_killed_at_crash_point_then_rerun_delivers_once(
-        tmp_path: Path, inputs: dict[str, Batch], crash_at: str) -> None:
-    data_dir = tmp_path / "data"
+        target: Target, inputs: dict[str, Batch], crash_at: str) -> None:
     batch = inputs["first"]
-    crash_then_rerun(("run", "-q", str(batch.path)), data_dir, crash_at)
-    verify(data_dir, [batch])
+    crash_then_rerun(("run", "-q", str(batch.path)), target, crash_at)
+    verify(target, [batch])
 
 
 @pytest.mark.parametrize("crash_at", ["sink-s3.after_chunk:5"])
-def test_run_killed_with_jsonl_objects(tmp_path: Path, inputs: dict[str, Batch],
+def test_run_killed_with_jsonl_objects(target: Target, inputs: dict[str, Batch],
                                        crash_at: str) -> None:
-    data_dir = tmp_path / "data"
     batch = inputs["first"]
-    crash_then_rerun(("--s3-format", "jsonl", "run", "-q", str(batch.path)), data_dir,
-                     crash_at)
-    verify(data_dir, [batch], fmt="jsonl")
+    crash_then_rerun(("--s3-format", "jsonl", "run", "-q", str(batch.path)), target, crash_at)
+    verify(target, [batch], fmt="jsonl")
 
 
-@pytest.mark.parametrize("crash_at", [
+@pytest.mark.parametrize(("backend", "crash_at"), on_backends([
     "import.end_marker:2",  # end markers of partitions 0 and 1 are sent twice
     "segments.after_outputs:2",  # the checkpoint that holds the end-marker removals
     "sink-warehouse.after_close:3",
-])
+], on_kafka=("segments.after_outputs:2",)))
 def test_replace_batch_killed_then_rerun_removes_once(
-        tmp_path: Path, inputs: dict[str, Batch], crash_at: str) -> None:
-    data_dir = tmp_path / "data"
+        target: Target, inputs: dict[str, Batch], crash_at: str) -> None:
     first, second = inputs["first"], inputs["second"]
-    run_cli("run", "-q", str(first.path), data_dir=data_dir, env=cli_env())
-    crash_then_rerun(("run", "-q", "--mode", "replace", str(second.path)), data_dir, crash_at)
-    verify(data_dir, [first, second])
+    run_cli("run", "-q", str(first.path), data_dir=target.data_dir, env=target.env())
+    crash_then_rerun(("run", "-q", "--mode", "replace", str(second.path)), target, crash_at)
+    verify(target, [first, second])
 
 
 def test_run_killed_in_processor_then_in_sink_then_rerun_delivers_once(
-        tmp_path: Path, inputs: dict[str, Batch]) -> None:
+        target: Target, inputs: dict[str, Batch]) -> None:
     """Two kills in a row, as a random kill lands them. The 1st (segments.after_outputs)
     makes the rerun's processor re-emit its first checkpoint: partitions 0-2 of the changes
     topic hold every change and the end marker twice. In the 2nd run the sink's polls end
@@ -410,33 +506,37 @@ def test_run_killed_in_processor_then_in_sink_then_rerun_delivers_once(
     end marker it already applied); it is killed at a later chunk (sink-s3.after_chunk:7,
     partition 2) before committing past the duplicates. The 3rd run must resume after that
     duplicate without taking the rest of the duplicates for a new run of the batch."""
-    data_dir = tmp_path / "data"
     batch = inputs["first"]
     args = ("run", "-q", str(batch.path))
     for crash_at in ("segments.after_outputs", "sink-s3.after_chunk:7"):
-        crashed = run_cli(*args, data_dir=data_dir, env=cli_env(crash_at), check=False)
+        crashed = run_cli(*args, data_dir=target.data_dir, env=target.env(crash_at),
+                          check=False)
         assert_killed(crashed, crash_at)
-    rerun = run_cli(*args, data_dir=data_dir, env=cli_env(), check=False)
+    rerun = run_cli(*args, data_dir=target.data_dir, env=target.env(), check=False)
     assert rerun.returncode == 0, f"stdout:\n{rerun.stdout}\nstderr:\n{rerun.stderr}"
-    verify(data_dir, [batch])
+    verify(target, [batch])
 
 
 # -- 2. kills from outside at random times -----------------------------------------------------
 
+# Seconds between a `streams run` starting real work and the kill. A run takes ~2 s on the
+# embedded backend and ~8 s on Kafka (group joins), so the kills spread over its whole length.
+KILL_DELAYS = {EMBEDDED: (0.3, 3.0), KAFKA: (0.5, 7.0)}
 
+
+@pytest.mark.parametrize("backend", BOTH_BACKENDS)
 def test_run_killed_from_outside_at_random_times(
-        tmp_path: Path, inputs: dict[str, Batch],
+        tmp_path: Path, target: Target, inputs: dict[str, Batch],
         spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
     rng = random.Random(8_675_309)
-    data_dir = tmp_path / "data"
     batch = inputs["first"]
     outcomes = []
     for attempt in range(3):
-        delay = rng.uniform(0.3, 3.0)
+        delay = rng.uniform(*KILL_DELAYS[target.backend])
         name = f"run-{attempt}"
-        proc = spawn("run", "-q", str(batch.path), data_dir=data_dir, env=cli_env(), name=name)
-        wait_for(lambda proc=proc: has_opened_log(proc, data_dir), 60,
-                 f"{name} to open the log")
+        proc = spawn("run", "-q", str(batch.path), data_dir=target.data_dir, env=target.env(),
+                     name=name)
+        wait_for(lambda proc=proc: has_started(proc, target), 60, f"{name} to start work")
         try:
             proc.wait(timeout=delay)  # it may finish by itself before the kill
         except subprocess.TimeoutExpired:
@@ -445,41 +545,43 @@ def test_run_killed_from_outside_at_random_times(
         assert proc.returncode in (0, KILLED), output_of(tmp_path, name)
         outcomes.append((round(delay, 2), proc.returncode))
     assert any(code == KILLED for _d, code in outcomes), f"no kill landed: {outcomes}"
-    final = run_cli("run", "-q", str(batch.path), data_dir=data_dir, env=cli_env())
+    final = run_cli("run", "-q", str(batch.path), data_dir=target.data_dir, env=target.env())
     assert re.search(r"^status\s+closed$|nothing changed", final.stdout, re.MULTILINE), \
         final.stdout
-    verify(data_dir, [batch])
+    verify(target, [batch])
 
 
 # -- 3. a separate worker, killed and restarted, then stopped cleanly --------------------------
 
 
+@pytest.mark.parametrize("backend", BOTH_BACKENDS)
 def test_worker_killed_at_checkpoint_restarted_and_stopped_cleanly(
-        tmp_path: Path, inputs: dict[str, Batch],
+        tmp_path: Path, target: Target, inputs: dict[str, Batch],
         spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
-    data_dir = tmp_path / "data"
+    data_dir = target.data_dir
     batch = inputs["first"]
-    imported = run_cli("import", "-q", str(batch.path), data_dir=data_dir, env=cli_env())
+    imported = run_cli("import", "-q", str(batch.path), data_dir=data_dir, env=target.env())
     batch_id = batch_id_from_output(imported.stdout)
 
-    first = spawn("worker", data_dir=data_dir, env=cli_env("segments.after_changelog"),
+    first = spawn("worker", data_dir=data_dir, env=target.env("segments.after_changelog"),
                   name="worker-1")
     assert first.wait(timeout=120) == KILLED, output_of(tmp_path, "worker-1")
-    assert not batch_is_closed(data_dir, batch_id)
+    assert not batch_is_closed(target, batch_id)
 
-    second = spawn("worker", data_dir=data_dir, env=cli_env(), name="worker-2")
-    wait_for(lambda: batch_is_closed(data_dir, batch_id), 180, f"batch {batch_id} to close",
+    second = spawn("worker", data_dir=data_dir, env=target.env(), name="worker-2")
+    wait_for(lambda: batch_is_closed(target, batch_id), 180, f"batch {batch_id} to close",
              interval=0.2)
     # Closed in the status view (which folds events the pipeline processor may not have
     # seen yet); let the worker also fold them and deliver the last snapshots.
     delivery = ("processor-pipeline", "sink-s3", "sink-warehouse", "sink-warehouse-status")
-    wait_for(lambda: caught_up(data_dir, delivery), 60, f"groups {delivery} to catch up")
+    wait_for(lambda: caught_up(target, delivery), 60, f"groups {delivery} to catch up",
+             interval=target.poll_interval)
     assert second.poll() is None, output_of(tmp_path, "worker-2")
     second.send_signal(signal.SIGTERM)
     assert second.wait(timeout=10) == 0, output_of(tmp_path, "worker-2")
     assert "worker stopped cleanly" in output_of(tmp_path, "worker-2")
-    verify(data_dir, [batch])
-    lags = group_lags(data_dir)
+    verify(target, [batch])
+    lags = group_lags(target)
     assert all(lag == 0 for lag in lags.values()), (
         f"a cleanly stopped worker left consumed messages uncommitted: {lags} (a restart "
         "re-reads them, and monitoring reports a lag that never drains)")
@@ -489,61 +591,61 @@ def test_worker_killed_at_checkpoint_restarted_and_stopped_cleanly(
 
 
 def test_same_file_twice_changes_nothing_and_reused_batch_id_is_refused(
-        tmp_path: Path, inputs: dict[str, Batch]) -> None:
-    data_dir = tmp_path / "data"
+        target: Target, inputs: dict[str, Batch]) -> None:
+    data_dir = target.data_dir
     first, other = inputs["first"], inputs["second"]
     args = ("run", "-q", "--batch-id", "crash-dup-1", str(first.path))
-    run_cli(*args, data_dir=data_dir, env=cli_env())
-    snapshots = len(status_snapshots(data_dir, "crash-dup-1"))
-    again = run_cli(*args, data_dir=data_dir, env=cli_env())
+    run_cli(*args, data_dir=data_dir, env=target.env())
+    snapshots = len(status_snapshots(target, "crash-dup-1"))
+    again = run_cli(*args, data_dir=data_dir, env=target.env())
     assert "nothing changed" in again.stdout, again.stdout
-    assert len(status_snapshots(data_dir, "crash-dup-1")) == snapshots
+    assert len(status_snapshots(target, "crash-dup-1")) == snapshots
 
     refused = run_cli("import", "-q", "--batch-id", "crash-dup-1", str(other.path),
-                      data_dir=data_dir, env=cli_env(), check=False)
+                      data_dir=data_dir, env=target.env(), check=False)
     assert refused.returncode != 0
     assert "crash-dup-1" in refused.stdout + refused.stderr, refused.stderr
-    verify(data_dir, [first])
+    verify(target, [first])
 
 
 # -- 5. kills in the last steps of a batch, and what a kill leaves on disk ---------------------
 
 
 def kill_after_sinks_then_pipeline_at_close(
-        data_dir: Path, batch: Batch, spawn: Callable[..., subprocess.Popen[bytes]]) -> str:
-    """Leaves `data_dir` as a `streams run` SIGKILLed in the last steps of a batch: every
+        target: Target, batch: Batch, spawn: Callable[..., subprocess.Popen[bytes]]) -> str:
+    """Leaves `target` as a `streams run` SIGKILLed in the last steps of a batch: every
     sink has committed every partition, and the pipeline processor has folded those events
     and flushed the closed snapshot, but died before its changelog and offsets (crash point
     `pipeline.after_outputs`) and before the status sink saw the snapshot. In one all-roles
     process a random kill falls there as easily as anywhere; role workers make it
     deterministic. Returns the batch id."""
-    imported = run_cli("import", "-q", str(batch.path), data_dir=data_dir, env=cli_env())
+    data_dir = target.data_dir
+    imported = run_cli("import", "-q", str(batch.path), data_dir=data_dir, env=target.env())
     batch_id = batch_id_from_output(imported.stdout)
     sinks = spawn("worker", "--roles", "segments,s3,warehouse", data_dir=data_dir,
-                  env=cli_env(), name="sinks")
-    wait_for(lambda: len(events_of(data_dir, batch_id, "sink_committed")) >= 2 * PARTITIONS
+                  env=target.env(), name="sinks")
+    wait_for(lambda: len(events_of(target, batch_id, "sink_committed")) >= 2 * PARTITIONS
              or sinks.poll() is not None, 120, "every sink to commit every partition",
              interval=0.1)
     sinks.send_signal(signal.SIGKILL)
     assert sinks.wait(timeout=30) == KILLED
     pipeline = spawn("worker", "--roles", "pipeline", data_dir=data_dir,
-                     env=cli_env("pipeline.after_outputs"), name="pipeline")
+                     env=target.env("pipeline.after_outputs"), name="pipeline")
     assert pipeline.wait(timeout=60) == KILLED
-    assert any(s["status"] == "closed" for s in status_snapshots(data_dir, batch_id))
+    assert any(s["status"] == "closed" for s in status_snapshots(target, batch_id))
     return batch_id
 
 
 def test_run_again_after_kill_between_last_sink_commit_and_status_delivery(
-        tmp_path: Path, inputs: dict[str, Batch],
+        target: Target, inputs: dict[str, Batch],
         spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
     """Running the same `streams run` again must close the batch everywhere: in the
     pipeline's own table and offsets and in the warehouse's batch_status table, not only in
     the status view that folds the events no processor has applied yet."""
-    data_dir = tmp_path / "data"
     batch = inputs["first"]
-    kill_after_sinks_then_pipeline_at_close(data_dir, batch, spawn)
-    run_cli("run", "-q", str(batch.path), data_dir=data_dir, env=cli_env())
-    verify(data_dir, [batch])
+    kill_after_sinks_then_pipeline_at_close(target, batch, spawn)
+    run_cli("run", "-q", str(batch.path), data_dir=target.data_dir, env=target.env())
+    verify(target, [batch])
 
 
 class RecordingWarehouse(DuckDBWarehouse):
@@ -561,11 +663,11 @@ class RecordingWarehouse(DuckDBWarehouse):
             self.seen.append(row["status"])
 
 
-def statuses_a_status_sink_stores(data_dir: Path, batch_id: str, scratch: Path) -> list[str]:
+def statuses_a_status_sink_stores(target: Target, batch_id: str, scratch: Path) -> list[str]:
     """Feeds `pipeline.batch-status` as it now stands through the production status sink
     (SinkTask + StatusTableSink + DuckDB upsert, in a fresh consumer group and a scratch
     database): the sequence of statuses a dashboard would have read for the batch."""
-    log = open_log(f"embedded://{(data_dir / 'log').resolve()}")
+    log = target.open_log()
     warehouse = RecordingWarehouse(scratch, batch_id)
     task = SinkTask(log, StatusTableSink(warehouse), OutputWriter(log, log.producer()),
                     "test-status-replay", "test-status-replay")
@@ -585,41 +687,142 @@ def statuses_a_status_sink_stores(data_dir: Path, batch_id: str, scratch: Path) 
 
 
 def test_status_table_never_reopens_a_closed_batch_after_a_pipeline_crash(
-        tmp_path: Path, inputs: dict[str, Batch],
+        tmp_path: Path, target: Target, inputs: dict[str, Batch],
         spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
     """The pipeline processor killed after flushing the closed snapshot but before its
     changelog re-emits, on restart, every snapshot since its last checkpoint: submitted,
     published, ..., closed again. The warehouse's batch_status (and any dashboard or trigger
     on the status topic) must not see the batch go from closed back to submitted/published
     and close a second time."""
-    data_dir = tmp_path / "data"
     batch = inputs["first"]
-    batch_id = kill_after_sinks_then_pipeline_at_close(data_dir, batch, spawn)
+    batch_id = kill_after_sinks_then_pipeline_at_close(target, batch, spawn)
     # Restart the pipeline processor alone; the status topic is then checked through the
     # production status sink below, whatever a warehouse worker would have read meanwhile.
-    worker = spawn("worker", "--roles", "pipeline", data_dir=data_dir, env=cli_env(),
+    worker = spawn("worker", "--roles", "pipeline", data_dir=target.data_dir, env=target.env(),
                    name="pipeline-2")
-    wait_for(lambda: caught_up(data_dir, ("processor-pipeline",)), 60,
+    wait_for(lambda: caught_up(target, ("processor-pipeline",)), 60,
              "the pipeline processor to catch up", interval=0.1)
     worker.send_signal(signal.SIGTERM)
     assert worker.wait(timeout=10) == 0, output_of(tmp_path, "pipeline-2")
-    assert batch_is_closed(data_dir, batch_id)
+    assert batch_is_closed(target, batch_id)
 
-    seen = statuses_a_status_sink_stores(data_dir, batch_id, tmp_path / "scratch.duckdb")
+    seen = statuses_a_status_sink_stores(target, batch_id, tmp_path / "scratch.duckdb")
     closed = seen.index("closed")
     assert all(s == "closed" for s in seen[closed:]), (
         f"the warehouse batch_status of {batch_id} left 'closed' after it closed: {seen}")
 
 
-def test_killed_import_leaves_no_spool_file_behind(tmp_path: Path) -> None:
+def test_killed_import_leaves_no_spool_file_behind(tmp_path: Path, target: Target) -> None:
     """The importer spools the whole file before publishing; a SIGKILLed import must not
     leave that copy on disk forever once the batch has been finished by a rerun."""
-    data_dir = tmp_path / "data"
+    data_dir = target.data_dir
     path = write_csv(tmp_path / "small.csv", random_rows(20_000, users=5_000, segments=3,
                                                          seed=7))
     args = ("run", "-q", str(path))
-    crashed = run_cli(*args, data_dir=data_dir, env=cli_env("import.publishing"), check=False)
+    crashed = run_cli(*args, data_dir=data_dir, env=target.env("import.publishing"),
+                      check=False)
     assert crashed.returncode == KILLED, crashed.stderr
-    run_cli(*args, data_dir=data_dir, env=cli_env())
+    run_cli(*args, data_dir=data_dir, env=target.env())
     left = sorted(p.name for p in (data_dir / "spool").iterdir())
     assert left == [], f"spool files left behind by the killed import: {left}"
+
+
+# -- 6. a sink on a log that keeps no commit metadata (Tansu) ----------------------------------
+
+
+class NoCommitMetadata:
+    """A consumer that drops commit metadata, as Tansu does; the rest is the wrapped one's."""
+
+    def __init__(self, consumer: Any):
+        self._consumer = consumer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._consumer, name)
+
+    def commit(self, positions: dict[TopicPartition, int],
+               metadata: dict[TopicPartition, str] | None = None) -> None:
+        self._consumer.commit(positions)
+
+    def committed_metadata(self, tp: TopicPartition) -> str:
+        return ""
+
+
+class NoCommitMetadataLog(EmbeddedLog):
+    def consumer(self, group: str, topics: Sequence[str], listener: RebalanceListener,
+                 member: str = "") -> Any:
+        return NoCommitMetadata(super().consumer(group, topics, listener, member))
+
+
+class RecordingSink:
+    """Stamps values by their source position, as the status sink does; records them."""
+
+    name = "recording"
+    topic = BATCH_STATUS
+
+    def __init__(self) -> None:
+        self.applied: list[int] = []
+
+    def stamp(self, record: Input) -> tuple[int, int]:
+        return record.value["source_position"], 0
+
+    def process(self, record: Input) -> list[Any]:
+        self.applied.append(record.value["source_position"])
+        return []
+
+    def idle(self, partition: int) -> bool:
+        return True
+
+    def reset(self, partition: int) -> None:
+        pass
+
+
+def drain(task: SinkTask) -> None:
+    idle = 0
+    for _round in range(200):  # bounded: a handful of messages
+        idle = 0 if task.step(timeout_s=0.01) else idle + 1
+        if idle >= 3 and task.consumer.assignment():
+            return
+    raise AssertionError("the sink did not catch up")
+
+
+def test_sink_commits_past_re_emitted_duplicates_without_commit_metadata(
+        tmp_path: Path) -> None:
+    """Regression, found by the Kafka crash tests (the replace batch killed at
+    `segments.after_outputs:2`): a processor killed between its outputs and its changelog
+    re-emits them, so a partition may end with duplicates only. Where commit metadata is
+    lost (Tansu) a sink commits only messages whose stamp is the highest it has seen; it
+    used to commit none of the duplicates, so the group's lag never drained and the rerun
+    `streams run` failed waiting for its sinks. The last duplicate carries the highest stamp
+    (a copy of the last value applied): committing it is safe, and a restarted sink resumes
+    after it."""
+    log = NoCommitMetadataLog(tmp_path / "log")
+    log.ensure_topics([SPECS[BATCH_STATUS]])
+    producer = log.producer()
+
+    def send(*source_positions: int) -> None:
+        for position in source_positions:
+            producer.send(BATCH_STATUS, 0, encode("BatchStatus", {
+                "batch_id": "b", "status": "published", "json": "{}",
+                "source_position": position}))
+        producer.flush()
+
+    send(10, 20, 30, 10, 20, 30)  # the outputs, then the same re-emitted after a crash
+    sink = RecordingSink()
+    task = SinkTask(log, sink, OutputWriter(log, producer), "recording", "m1")
+    try:
+        drain(task)
+    finally:
+        task.close()
+    assert sink.applied == [10, 20, 30]
+    lag = {gp.tp.partition: gp.lag for gp in log.group_positions("recording")}
+    assert lag == {0: 0, 1: 0}, f"duplicates left uncommitted: lag {lag}"
+
+    send(40)
+    restarted = RecordingSink()
+    task = SinkTask(log, restarted, OutputWriter(log, producer), "recording", "m2")
+    try:
+        drain(task)
+    finally:
+        task.close()
+    assert restarted.applied == [40], "a restarted sink applied again what it had applied"
+    log.close()

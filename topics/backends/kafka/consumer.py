@@ -94,6 +94,19 @@ class GroupConsumer:
         self.listener.on_revoked(tps)
 
     def assigned(self, tps: list[TopicPartition]) -> None:
+        # Every assigned partition starts after its committed position, as on the embedded
+        # backend: the runtime dropped its state on revocation and resumes from the commit
+        # (a sink re-reads its open batch from there). kafka-python 3 keeps the fetch
+        # position of a partition that a rebalance revokes and assigns back to the same
+        # member (eager protocol: a rebalance revokes every partition), so without this
+        # seek such a sink went on mid-batch, missed the batch's start and failed it with a
+        # count mismatch.
+        for tp in tps:
+            committed = self._consumer.committed(theirs(tp))
+            if committed is None:
+                self._consumer.seek_to_beginning(theirs(tp))
+            else:
+                self._consumer.seek(theirs(tp), committed)
         self.listener.on_assigned(tps)
 
     # -- Consumer -------------------------------------------------------------------------
