@@ -137,8 +137,8 @@ class Importer:
             try:
                 for chunk in chain(head, chunks):
                     rejected += self._dead_letters(batch_id, chunk)
-                    segments.update(chunk.segment_ids)
-                    self._spool_chunk(spool, batch_id, req, chunk, counts)
+                    rejected += self._spool_chunk(spool, batch_id, req, chunk, counts,
+                                                  segments)
                     self.progress(sum(counts) + rejected)
             except InputFileError as exc:  # found mid-file (a corrupt Parquet page)
                 self.out.send(batch_event(batch_id, "failed", now_ms(), step="import",
@@ -170,8 +170,11 @@ class Importer:
         return ImportResult(batch_id, checksum, "published", rows, rejected, counts)
 
     def _spool_chunk(self, spool: Spool, batch_id: str, req: ImportRequest, chunk: RowChunk,
-                     counts: list[int]) -> None:
-        n = self.partitions
+                     counts: list[int], segments: set[str]) -> int:
+        """Spools the chunk's rows as messages per partition, adding their segments to
+        `segments`; returns the rows rejected for being too big for a message on their own
+        (sent to the dead-letter topic)."""
+        n, counted = self.partitions, sum(counts)
         rows_of: list[list[int]] = [[] for _ in range(n)]  # row indexes per partition
         append = [rows.append for rows in rows_of]
         hashes = map(murmurhash2, map(str.encode, chunk.user_ids), repeat(KAFKA_SEED))
@@ -184,14 +187,40 @@ class Importer:
             seqs, users = pick(chunk.seqs), pick(chunk.user_ids)
             segs, ops = pick(chunk.segment_ids), pick(chunk.ops)
             attrs = pick(chunk.attributes) if chunk.attributes is not None else None
-            counts[partition] += len(seqs)
             for start in range(0, len(seqs), step):
                 end = start + step
-                spool.add(partition, encode("AudienceRows", {
-                    "batch_id": batch_id, "mode": req.mode,
-                    **write_columns(seqs[start:end], users[start:end], segs[start:end],
-                                    ops[start:end]),
-                    "attributes": attrs[start:end] if attrs else None}))
+                counts[partition] += self._spool_rows(
+                    spool, batch_id, req, partition, segments, seqs[start:end], users[start:end],
+                    segs[start:end], ops[start:end], attrs[start:end] if attrs else None)
+        return len(chunk) - sum(counts) + counted
+
+    def _spool_rows(self, spool: Spool, batch_id: str, req: ImportRequest, partition: int,
+                    segments: set[str], seqs: list[int], users: list[str], segs: list[str],
+                    ops: list[str],
+                    attrs: list[dict[str, str]] | None) -> int:
+        """The rows as one message, or in halves while that is over the log's message
+        limit; a single row over it is a bad row. Returns the rows spooled."""
+        value = encode("AudienceRows", {"batch_id": batch_id, "mode": req.mode,
+                                        **write_columns(seqs, users, segs, ops),
+                                        "attributes": attrs})
+        limit = self.log.max_message_bytes
+        if len(value) <= limit:
+            spool.add(partition, value)
+            segments.update(segs)  # the segments a replace batch names: of rows it holds
+            return len(seqs)
+        if len(seqs) == 1:
+            keys = f", attributes {sorted(attrs[0])}" if attrs else ""
+            self.out.producer.send(DEAD_LETTER, 0, encode("DeadLetter", {
+                "batch_id": batch_id, "file": req.path, "row": seqs[0],
+                "reason": f"row is {len(value):,} bytes as a message, over the log's "
+                          f"{limit:,}-byte message limit",
+                "raw": f"user_id={users[0]!r}, segment_id={segs[0]!r}{keys}"[:RAW_LIMIT]}))
+            return 0
+        h = len(seqs) // 2
+        return (self._spool_rows(spool, batch_id, req, partition, segments, seqs[:h],
+                                 users[:h], segs[:h], ops[:h], attrs[:h] if attrs else None)
+                + self._spool_rows(spool, batch_id, req, partition, segments, seqs[h:],
+                                   users[h:], segs[h:], ops[h:], attrs[h:] if attrs else None))
 
     def _dead_letters(self, batch_id: str, chunk: RowChunk) -> int:
         for bad in chunk.rejects:

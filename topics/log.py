@@ -104,6 +104,7 @@ class Consumer(Protocol):
 
 class Log(Protocol):
     url: str
+    max_message_bytes: int  # the largest value its producers accept
 
     def ensure_topics(self, specs: Sequence[TopicSpec]) -> None:
         """Creates missing topics; raises TopicError when one exists with other partitions."""

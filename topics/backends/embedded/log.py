@@ -29,12 +29,16 @@ from topics.log import (
 from topics.spec import TopicSpec
 
 REBALANCE_EVERY_S = 0.5
+# Frames hold any length; this bounds one message (and what a reader holds at once), and
+# the importer rejects a row bigger than it as a bad row, as on Kafka.
+MAX_MESSAGE_BYTES = 16 << 20
 
 
 class EmbeddedLog:
     def __init__(self, root: Path, fsync: bool = False):
         self.root = Path(root)
         self.url = f"embedded://{self.root}"
+        self.max_message_bytes = MAX_MESSAGE_BYTES
         self.fsync = fsync
         self._files: dict[TopicPartition, PartitionFile] = {}
 

@@ -56,7 +56,7 @@ class KafkaLog:
         if kafka_record_util.crc32c_c is None:
             log_.warning("the crc32c package is not installed: kafka-python checksums record "
                          "batches in pure Python, about 30x slower (pip install crc32c)")
-        self.max_request_size = max_request_size
+        self.max_request_size = self.max_message_bytes = max_request_size
         self._options = split_options(kafka_options)
         group = {"session_timeout_ms": session_timeout_ms,
                  "heartbeat_interval_ms": heartbeat_interval_ms,
