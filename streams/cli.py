@@ -74,7 +74,8 @@ def _config_default_map(ctx: click.Context, _param: click.Parameter, value: str 
 @click.option("--kafka-replication-factor", type=int, default=1,
               help="Replication factor of topics the pipeline creates.")
 @click.option("--kafka-max-request-size", type=int, default=1 << 20,
-              help="Largest message the producer sends; larger ones are refused.")
+              help="Largest message the producer sends: rows are packed under it, a row "
+              "too big on its own is dead-lettered.")
 @click.option("--fsync/--no-fsync", default=False,
               help="fsync the embedded log on every flush (survives power loss, slower).")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
