@@ -806,23 +806,20 @@ def test_sink_commits_past_re_emitted_duplicates_without_commit_metadata(
                 "source_position": position}))
         producer.flush()
 
+    def applied_by_a_sink(member: str) -> list[int]:
+        sink = RecordingSink()
+        task = SinkTask(log, sink, OutputWriter(log, producer), "recording", member)
+        try:
+            drain(task)
+        finally:
+            task.close()
+        return sink.applied
+
     send(10, 20, 30, 10, 20, 30)  # the outputs, then the same re-emitted after a crash
-    sink = RecordingSink()
-    task = SinkTask(log, sink, OutputWriter(log, producer), "recording", "m1")
-    try:
-        drain(task)
-    finally:
-        task.close()
-    assert sink.applied == [10, 20, 30]
+    assert applied_by_a_sink("m1") == [10, 20, 30]
     lag = {gp.tp.partition: gp.lag for gp in log.group_positions("recording")}
     assert lag == {0: 0, 1: 0}, f"duplicates left uncommitted: lag {lag}"
 
     send(40)
-    restarted = RecordingSink()
-    task = SinkTask(log, restarted, OutputWriter(log, producer), "recording", "m2")
-    try:
-        drain(task)
-    finally:
-        task.close()
-    assert restarted.applied == [40], "a restarted sink applied again what it had applied"
+    assert applied_by_a_sink("m2") == [40], "a restarted sink applied again what it had applied"
     log.close()
