@@ -47,7 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,11 +195,11 @@ def _backend_env(backend: str, work: Path) -> Iterator[dict[str, str]]:
         yield {"STREAMS_BOOTSTRAP": bootstrap, **KAFKA_GROUP_ENV}
 
 
-def _settings(data_dir: Path, backend: str) -> Any:
-    """Settings of an in-process measurement, with the backend's from the environment."""
+def _settings(data_dir: Path, backend: str, env: Mapping[str, str]) -> Any:
+    """Settings of an in-process measurement, with the backend's from `env` (the STREAMS_*
+    variables `_backend_env` gives)."""
     from streams.settings import Settings
 
-    env = os.environ
     timeout = env.get("STREAMS_KAFKA_SESSION_TIMEOUT_MS")
     heartbeat = env.get("STREAMS_KAFKA_HEARTBEAT_INTERVAL_MS")
     return Settings(data_dir=data_dir, backend=backend,
@@ -244,7 +244,7 @@ def process_child(data_dir: str, batch_id: str, backend: str, timeout_s: float) 
     started = time.perf_counter()
     from streams.pipeline import Pipeline
 
-    pipe = Pipeline(_settings(Path(data_dir), backend))
+    pipe = Pipeline(_settings(Path(data_dir), backend, os.environ))
     try:
         worker = pipe.worker()
         pipeline_task = next(t for t in worker.tasks if t.name == "pipeline")
@@ -388,12 +388,12 @@ def format_breakdown(n: int, report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _whole_pipeline(data_dir: Path, backend: str, path: Path) -> str:
+def _whole_pipeline(data_dir: Path, backend: str, path: Path, env: Mapping[str, str]) -> str:
     """Import, then every role (processors and sinks) in this one process until the batch is
     closed: the whole pipeline's code on one thread, which is what a profile can see."""
     from streams.pipeline import Pipeline
 
-    pipe = Pipeline(_settings(data_dir, backend))
+    pipe = Pipeline(_settings(data_dir, backend, env))
     try:
         batch_id = pipe.importer().run(pipe.import_request(str(path))).batch_id
         worker = pipe.worker()
@@ -421,9 +421,10 @@ def profile_e2e(spec: Spec, path: Path, work: Path, backend: str, top: int = 25)
     worker with the processors and the sinks), which also shows what each costs on a core."""
     data = _fresh(work, f"r{spec.rows}-profile")
     prof = cProfile.Profile()
-    started = time.perf_counter()
-    prof.runcall(_whole_pipeline, data / "data", backend, path)
-    took = time.perf_counter() - started
+    with _backend_env(backend, work) as env:
+        started = time.perf_counter()
+        prof.runcall(_whole_pipeline, data / "data", backend, path, env)
+        took = time.perf_counter() - started
     out_file = work / f"profile-r{spec.rows}.prof"
     prof.dump_stats(out_file)
     shutil.rmtree(data, ignore_errors=True)

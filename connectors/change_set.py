@@ -63,8 +63,7 @@ class ChangeSet:
                 f"(user_ids={n}, segment_ids={len(segment_ids)}, ops={len(ops)}, "
                 f"seqs={len(seqs)})")
         return cls(batch_id, partition, first_position, pa.Table.from_arrays(
-            [pa.array(user_ids, pa.string()), pa.array(segment_ids, pa.string()),
-             pa.array(ops, pa.string()), pa.array(seqs, pa.int64())], schema=CHANGE_COLUMNS))
+            _arrays(user_ids, segment_ids, ops, seqs), schema=CHANGE_COLUMNS))
 
     def _name(self) -> str:
         return f"ChangeSet {self.batch_id}/{self.partition}@{self.first_position}"
@@ -109,9 +108,7 @@ def record_batch(value: dict[str, Any]) -> pa.RecordBatch:
     if not count or not LITTLE_ENDIAN:  # an older writer's arrays (or a rare host): lists
         rows = read_columns(value)
         return pa.RecordBatch.from_arrays(
-            [pa.array(rows.user_ids, pa.string()), pa.array(rows.segment_ids, pa.string()),
-             pa.array(rows.ops, pa.string()), pa.array(rows.seqs, pa.int64())],
-            schema=CHANGE_COLUMNS)
+            _arrays(rows.user_ids, rows.segment_ids, rows.ops, rows.seqs), schema=CHANGE_COLUMNS)
     users = pc.split_pattern(pa.array([value["user_id_column"]], pa.string()), "\n").flatten()
     seqs = value["seq_column"]
     if len(users) != count or len(seqs) != 8 * count:
@@ -122,6 +119,13 @@ def record_batch(value: dict[str, Any]) -> pa.RecordBatch:
          _dictionary(value["op_dictionary"], count),
          pa.Array.from_buffers(pa.int64(), count, [None, pa.py_buffer(seqs)])],
         schema=CHANGE_COLUMNS)
+
+
+def _arrays(user_ids: Sequence[str], segment_ids: Sequence[str], ops: Sequence[str],
+            seqs: Sequence[int]) -> list[pa.Array]:
+    """CHANGE_COLUMNS from Python lists."""
+    return [pa.array(user_ids, pa.string()), pa.array(segment_ids, pa.string()),
+            pa.array(ops, pa.string()), pa.array(seqs, pa.int64())]
 
 
 def _dictionary(column: dict[str, Any], count: int) -> pa.Array:

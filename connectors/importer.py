@@ -174,7 +174,7 @@ class Importer:
         """Spools the chunk's rows as messages per partition, adding their segments to
         `segments`; returns the rows rejected for being too big for a message on their own
         (sent to the dead-letter topic)."""
-        n, counted = self.partitions, sum(counts)
+        n, spooled = self.partitions, 0
         rows_of: list[list[int]] = [[] for _ in range(n)]  # row indexes per partition
         append = [rows.append for rows in rows_of]
         hashes = map(murmurhash2, map(str.encode, chunk.user_ids), repeat(KAFKA_SEED))
@@ -189,10 +189,12 @@ class Importer:
             attrs = pick(chunk.attributes) if chunk.attributes is not None else None
             for start in range(0, len(seqs), step):
                 end = start + step
-                counts[partition] += self._spool_rows(
+                spooled_here = self._spool_rows(
                     spool, batch_id, req, partition, segments, seqs[start:end], users[start:end],
                     segs[start:end], ops[start:end], attrs[start:end] if attrs else None)
-        return len(chunk) - sum(counts) + counted
+                counts[partition] += spooled_here
+                spooled += spooled_here
+        return len(chunk) - spooled
 
     def _spool_rows(self, spool: Spool, batch_id: str, req: ImportRequest, partition: int,
                     segments: set[str], seqs: list[int], users: list[str], segs: list[str],

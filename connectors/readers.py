@@ -809,9 +809,9 @@ def _parquet_chunks(
 
 
 def _arrow_strings(arr: pa.Array) -> list[str | None]:
+    """A column as Python text: strings as-is, scalars cast by Arrow, the rest as JSON."""
     import pyarrow as pa
 
-    """A column as Python text: strings as-is, scalars cast by Arrow, the rest as JSON."""
     if pa.types.is_dictionary(arr.type):
         arr = arr.dictionary_decode()
     kind = arr.type
