@@ -116,6 +116,15 @@ class AudienceSegments:
             return self._end_marker(tables["members"], tables["batches"], record)
         raise ValueError(f"{self.input_topic}: unexpected schema {record.schema}")
 
+    def on_error(self, record: Input, error: str) -> list[Output]:
+        """A message that raised (its writes are rolled back, it is dead-lettered): its
+        batch fails, saying why."""
+        batch_id = record.value.get("batch_id")
+        if not batch_id:
+            return []
+        return [batch_event(batch_id, "failed", record.timestamp_ms, partition=record.partition,
+                            step="segments", error=error)]
+
     def _pair(self, segment: str, batch_id: str) -> tuple[str, str]:
         key = (segment, batch_id)
         return self._pairs.setdefault(key, key)

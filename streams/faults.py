@@ -18,3 +18,9 @@ def crash_point(name: str) -> None:
         _TARGETS[name] -= 1
         if _TARGETS[name] <= 0:
             os.kill(os.getpid(), signal.SIGKILL)
+
+
+def crash_armed(name: str) -> bool:
+    """True when `crash_point(name)` may kill: callers that must make a partial write
+    durable first (to crash in the middle of it) check this."""
+    return name in _TARGETS

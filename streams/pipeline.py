@@ -17,10 +17,11 @@ from connectors.importer import Importer, ImportRequest
 from processors.pipeline_state import BatchStatus, PipelineState
 from processors.segments import AudienceSegments
 from streams.outputs import OutputWriter
-from streams.processor_task import ProcessorTask
+from streams.processor_task import ProcessorTask, SnapshotPolicy
 from streams.replay import SinkGroup, check_stopped, plan, rewind
 from streams.settings import Settings
 from streams.sink_task import SinkTask
+from streams.state.snapshots import SnapshotStore
 from streams.state.table_reader import read_table
 from streams.worker import Task, Worker
 from topics.backends import open_log
@@ -60,6 +61,16 @@ class Pipeline:
         self.log: Log = open_log(settings.log_url, **settings.log_options())
         self.log.ensure_topics(list(SPECS.values()))
         self._warehouse: DuckDBWarehouse | None = None
+        self._snapshots: SnapshotStore | None = None
+
+    @property
+    def snapshots(self) -> SnapshotStore:
+        """Partition state snapshots (restore = snapshot + changelog tail)."""
+        if self._snapshots is None:
+            from connectors.object_store import LocalObjectStore
+
+            self._snapshots = SnapshotStore(LocalObjectStore(self.settings.state_path))
+        return self._snapshots
 
     @property
     def warehouse(self) -> DuckDBWarehouse:
@@ -93,13 +104,13 @@ class Pipeline:
             # The sinks build Arrow tables chunk after chunk; the system allocator gives the
             # memory back, where Arrow's default pool keeps ~50 MB more resident.
             pa.set_memory_pool(pa.system_memory_pool())
+        policy = SnapshotPolicy(s.snapshot_bytes, s.snapshot_interval_s)
         for role in roles:
-            if role == "segments":
-                tasks.append(ProcessorTask(self.log, AudienceSegments(), out, group_of(role),
-                                           member, s.checkpoint_interval_s))
-            elif role == "pipeline":
-                tasks.append(ProcessorTask(self.log, PipelineState(), out, group_of(role),
-                                           member, s.checkpoint_interval_s))
+            if role in PROCESSOR_ROLES:
+                processor = AudienceSegments() if role == "segments" else PipelineState()
+                tasks.append(ProcessorTask(
+                    self.log, processor, out, group_of(role), member, s.checkpoint_interval_s,
+                    snapshots=self.snapshots, snapshot_policy=policy))
             elif role == "s3":
                 from connectors.change_sink import ChangeSink
                 from connectors.object_store import LocalObjectStore
@@ -171,7 +182,7 @@ class Pipeline:
             time.sleep(0.05)  # polling the log's committed positions
 
     def batches(self) -> dict[str, BatchStatus]:
-        return read_table(self.log, PipelineState(), "batches")
+        return read_table(self.log, PipelineState(), "batches", self.snapshots)
 
     def close(self) -> None:
         if self._warehouse is not None:

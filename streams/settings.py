@@ -32,6 +32,12 @@ class Settings:
     chunk_rows: int = 100_000
     fsync: bool = False
     checkpoint_interval_s: float = 1.0
+    # State snapshots (restore = newest snapshot + changelog tail): where, and how often.
+    state_root: Path | None = None  # default <data_dir>/state
+    snapshot_bytes: int = 64 << 20  # changelog bytes of a partition between snapshots
+    snapshot_interval_s: float = 3600.0  # or this long, whichever comes first
+    # Embedded log: a member whose heartbeat is older than this loses its partitions.
+    embedded_session_timeout_ms: int = 10_000
     # Kafka: client settings pass through as KEY=VALUE; None keeps Kafka's own defaults.
     kafka_option: tuple[str, ...] = ()
     kafka_session_timeout_ms: int | None = None
@@ -52,6 +58,7 @@ class Settings:
         """Options for `open_log`: each backend takes the ones it knows."""
         options: dict[str, Any] = {
             "fsync": self.fsync,
+            "embedded_session_timeout_ms": self.embedded_session_timeout_ms,
             "kafka_options": dict(_key_value(item) for item in self.kafka_option),
             "session_timeout_ms": self.kafka_session_timeout_ms,
             "heartbeat_interval_ms": self.kafka_heartbeat_interval_ms,
@@ -64,6 +71,10 @@ class Settings:
     @property
     def object_root(self) -> Path:
         return self.s3_root or self.data_dir / "s3"
+
+    @property
+    def state_path(self) -> Path:
+        return self.state_root or self.data_dir / "state"
 
     @property
     def warehouse_path(self) -> Path:

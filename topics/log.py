@@ -65,6 +65,10 @@ class GroupBusyError(Exception):
 
 
 class RebalanceListener(Protocol):
+    """Called inside `poll`. A listener may also define `on_lost(tps)`: partitions taken
+    away without a clean revoke (session expired, lease taken); nothing of them may become
+    durable. Without it, `on_revoked` is called instead."""
+
     def on_assigned(self, tps: Sequence[TopicPartition]) -> None: ...
 
     def on_revoked(self, tps: Sequence[TopicPartition]) -> None: ...

@@ -1,16 +1,26 @@
 """Changelog messages: a table partition's changes, stamped with the input position they
 cover. Written after the outputs they produced are durable, read back by recovery.
 
-A replay rewinds a table by appending a fence rather than cutting the log (Kafka cannot cut
-a partition's tail): entries before a fence stamped at or after its `from_position` are
-void, and recovery skips them.
+Three kinds of message, and the rules that make a restore see only what is valid:
+- `Changelog`: one checkpoint of a partition is `parts` messages under one (generation,
+  input position). A checkpoint is applied only when all its parts were read: a crash in
+  the middle of writing one leaves a torn checkpoint that restore discards (its inputs
+  are then reprocessed, since the stamp before it still stands).
+- `ChangelogClaim`: a new owner writes one before it restores. Entries of a lower
+  generation after a claim are void: they come from a zombie (an owner whose session
+  expired or that was paused) that kept flushing after it lost the partition.
+- `ChangelogFence`: a replay rewinds a table by appending a fence rather than cutting the
+  log (Kafka cannot cut a partition's tail): entries before a fence stamped at or after its
+  `from_position` are void, and outputs made after it carry the fence's epoch.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
+from streams.faults import crash_armed, crash_point
 from topics.codec import decode, encode, schema_name
 from topics.columns import pack_text, unpack_text
 from topics.log import Log, Producer
@@ -18,57 +28,147 @@ from topics.log import Log, Producer
 MAX_ENTRIES = 20_000  # per message
 # Per message, well under Kafka's default 1 MiB request limit whatever the keys and values.
 MAX_BYTES = 512 * 1024
-FENCE = "ChangelogFence"
+ENTRY, FENCE, CLAIM = "Changelog", "ChangelogFence", "ChangelogClaim"
+
+Changes = dict[str, list[tuple[str, str | None]]]  # table -> [(key, encoded value or None)]
 
 
-def write_changes(producer: Producer, topic: str, partition: int, applied: int,
-                  changes: dict[str, list[tuple[str, str | None]]]) -> None:
-    for table, entries in changes.items():
-        for start in range(0, len(entries), MAX_ENTRIES):
-            for value in _messages(table, applied, entries[start : start + MAX_ENTRIES]):
-                producer.send(topic, partition, value)
+def write_checkpoint(producer: Producer, topic: str, partition: int, applied: int,
+                     generation: int, changes: Changes, crash_name: str = "") -> int:
+    """Sends one checkpoint of a partition as parts 0..n-1 (the caller flushes); returns
+    the bytes sent."""
+    bodies = [body for table, entries in changes.items()
+              for start in range(0, len(entries), MAX_ENTRIES)
+              for body in _bodies(table, applied, entries[start : start + MAX_ENTRIES])]
+    inside = f"{crash_name}.inside_changelog"
+    sent = 0
+    for part, body in enumerate(bodies):
+        value = encode(ENTRY, {**body, "generation": generation, "part": part,
+                               "parts": len(bodies)})
+        producer.send(topic, partition, value)
+        sent += len(value)
+        if part == 0 and len(bodies) > 1 and crash_armed(inside):
+            producer.flush()  # part 0 durable, the rest not: a torn checkpoint
+            crash_point(inside)
+    return sent
 
 
-def _messages(table: str, applied: int, part: list[tuple[str, str | None]]) -> list[bytes]:
-    """The entries as one message, or as halves (recursively) while that is over MAX_BYTES."""
+def _body(table: str, applied: int, part: list[tuple[str, str | None]]) -> dict[str, Any]:
     kept = [(k, v) for k, v in part if v is not None]
     deleted = [k for k, v in part if v is None]
-    value = encode("Changelog", {
-        "table": table, "input_position": applied, "count": len(kept),
-        "key_column": pack_text([k for k, _v in kept]),
-        "value_column": pack_text([v for _k, v in kept]),  # type: ignore[misc]
-        "deleted_count": len(deleted), "deleted_column": pack_text(deleted)})
-    if len(value) <= MAX_BYTES or len(part) == 1:
-        return [value]
+    return {"table": table, "input_position": applied, "count": len(kept),
+            "key_column": pack_text([k for k, _v in kept]),
+            "value_column": pack_text([v for _k, v in kept]),  # type: ignore[misc]
+            "deleted_count": len(deleted), "deleted_column": pack_text(deleted)}
+
+
+def _bodies(table: str, applied: int, part: list[tuple[str, str | None]]
+            ) -> list[dict[str, Any]]:
+    """The entries as one message body, or as halves (recursively) while that is over
+    MAX_BYTES (part numbers add a few bytes at most)."""
+    body = _body(table, applied, part)
+    if len(part) == 1 or len(encode(ENTRY, body)) <= MAX_BYTES:
+        return [body]
     half = len(part) // 2
-    return _messages(table, applied, part[:half]) + _messages(table, applied, part[half:])
+    return _bodies(table, applied, part[:half]) + _bodies(table, applied, part[half:])
 
 
-def write_fence(producer: Producer, topic: str, partition: int, from_position: int) -> None:
-    producer.send(topic, partition, encode(FENCE, {"from_position": from_position}))
+def write_claim(producer: Producer, topic: str, partition: int, generation: int,
+                member: str) -> None:
+    producer.send(topic, partition, encode(CLAIM, {"generation": generation, "member": member}))
 
 
-def read_changes(log: Log, topic: str, partition: int
-                 ) -> Iterator[tuple[str, int, list[str], list[str | None]]]:
-    """(table, input position, keys, values) for every live changelog message, oldest
-    first. Two passes: the first finds fences from message headers alone."""
-    fences = [(msg.position, decode(msg.value)[1]["from_position"])
-              for msg in log.read(topic, partition) if schema_name(msg.value) == FENCE]
+def write_fence(producer: Producer, topic: str, partition: int, from_position: int,
+                epoch: int = 0) -> None:
+    producer.send(topic, partition, encode(FENCE, {"from_position": from_position,
+                                                   "epoch": epoch}))
+
+
+@dataclass
+class Checkpoint:
+    """One whole checkpoint as read back: its changes, table by table."""
+
+    generation: int
+    applied: int
+    tables: list[tuple[str, list[str], list[str | None]]] = field(default_factory=list)
+
+
+@dataclass
+class Tail:
+    """What a read of the changelog learned besides the checkpoints."""
+
+    floor: int = 0  # the highest claim generation seen: lower entries after it are void
+    generation: int = 0  # the highest generation seen at all
+    epoch: int = 0  # the highest replay epoch seen
+    last_position: int | None = None  # of the last message read
+    first_schema: str = ""  # of the first message read (is the history whole?)
+    first_generation: int = 0  # of that message, if a claim or an entry
+    fences: list[tuple[int, int, int]] = field(default_factory=list)  # (position, from, epoch)
+    claims: list[tuple[int, int, str]] = field(default_factory=list)  # (position, gen, member)
+    torn: int = 0  # incomplete checkpoints discarded
+
+
+def read_checkpoints(log: Log, topic: str, partition: int, after: int | None, tail: Tail
+                     ) -> Iterator[Checkpoint]:
+    """Whole, valid checkpoints after `after`, oldest first; `tail` (which carries the floor
+    and epoch of what came before `after`) is updated as the read goes. Two passes: the
+    first finds fences from message headers alone."""
+    fences = []
+    for msg in log.read(topic, partition, after):
+        if schema_name(msg.value) == FENCE:
+            value = decode(msg.value)[1]
+            fences.append((msg.position, value["from_position"], value["epoch"]))
     # void_from[i]: the lowest from_position of fences i.. (an entry is void if its stamp is
     # at or above that of any fence after it).
-    void_from = [f for _p, f in fences]
+    void_from = [f for _p, f, _e in fences]
     for i in range(len(void_from) - 2, -1, -1):
         void_from[i] = min(void_from[i], void_from[i + 1])
+    tail.fences.extend(fences)
     next_fence = 0
-    for msg in log.read(topic, partition):
+    pending: Checkpoint | None = None
+    expected = 0  # the part `pending` waits for
+    for msg in log.read(topic, partition, after):
+        tail.last_position = msg.position
         while next_fence < len(fences) and fences[next_fence][0] <= msg.position:
+            tail.epoch = max(tail.epoch, fences[next_fence][2])
             next_fence += 1
-        if schema_name(msg.value) == FENCE:
+        name = schema_name(msg.value)
+        first = not tail.first_schema
+        if first:
+            tail.first_schema = name
+        if name != ENTRY:
+            if name == CLAIM:
+                claim = decode(msg.value)[1]
+                if first:
+                    tail.first_generation = claim["generation"]
+                tail.claims.append((msg.position, claim["generation"], claim["member"]))
+                tail.floor = max(tail.floor, claim["generation"])
+                tail.generation = max(tail.generation, claim["generation"])
             continue
-        _schema, value = decode(msg.value)
-        if next_fence < len(fences) and value["input_position"] >= void_from[next_fence]:
-            continue
-        yield value["table"], value["input_position"], *_entries(value)
+        value = decode(msg.value)[1]
+        generation, applied, part = value["generation"], value["input_position"], value["part"]
+        if first:
+            tail.first_generation = generation
+        tail.generation = max(tail.generation, generation)
+        if pending is not None and (part != expected or pending.generation != generation
+                                    or pending.applied != applied):
+            tail.torn += 1  # a checkpoint whose remaining parts never came
+            pending = None
+        if part != 0 and pending is None:
+            continue  # the rest of a torn checkpoint, or one begun before `after`
+        if generation < tail.floor:
+            continue  # a zombie's write after a newer owner claimed the partition
+        if next_fence < len(fences) and applied >= void_from[next_fence]:
+            continue  # rewound by a replay
+        if pending is None:
+            pending, expected = Checkpoint(generation, applied), 0
+        pending.tables.append((value["table"], *_entries(value)))
+        expected += 1
+        if expected == value["parts"]:
+            yield pending
+            pending = None
+    if pending is not None:
+        tail.torn += 1
 
 
 def _entries(value: dict[str, Any]) -> tuple[list[str], list[str | None]]:
@@ -80,3 +180,12 @@ def _entries(value: dict[str, Any]) -> tuple[list[str], list[str | None]]:
     values: list[str | None] = unpack_text(value["value_column"], value["count"])  # type: ignore[assignment]
     deleted = unpack_text(value["deleted_column"], value["deleted_count"])
     return keys + deleted, values + [None] * len(deleted)
+
+
+def read_changes(log: Log, topic: str, partition: int
+                 ) -> Iterator[tuple[str, int, list[str], list[str | None]]]:
+    """(table, input position, keys, values) of every valid entry, oldest first (tools,
+    tests): what a restore from the start of the changelog applies."""
+    for checkpoint in read_checkpoints(log, topic, partition, None, Tail()):
+        for table, keys, values in checkpoint.tables:
+            yield table, checkpoint.applied, keys, values

@@ -1,5 +1,12 @@
 """The local store of one partition: one dict per state table, plus what changed since the
-last checkpoint. The changelog is the durable copy; this is the working copy."""
+last checkpoint. The changelog is the durable copy; this is the working copy.
+
+Writes are transactional per input message (the Quix Streams model: store -> partition ->
+transaction). `begin()` opens a transaction; every first write of a key in it records the
+key's previous value and dirty mark in an undo log; `commit()` forgets the undo log and
+`rollback()` puts everything back. An undo log instead of a write buffer keeps reads on the
+hot path a plain dict lookup, and a failed message's writes never reach a checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -8,23 +15,34 @@ from typing import Any
 
 from streams.api import TableSpec
 
-_DELETED = object()
+_ABSENT = object()
+Undo = dict[str, tuple[Any, Any]]  # key -> (previous value, previous dirty mark)
 
 
 class TableView:
     """One table of one partition; writes go to the store and are remembered as dirty."""
 
-    def __init__(self, data: dict[str, Any], dirty: dict[str, Any]):
+    def __init__(self, data: dict[str, Any], dirty: dict[str, Any], undo: Undo):
         self._data = data
         self._dirty = dirty
+        self._undo = undo
         self.get = data.get  # the hot path: a bound dict method, no wrapper
 
+    def _remember(self, key: str) -> None:
+        """Keeps the key's state from before the transaction's first write of it."""
+        self._undo[key] = (self._data.get(key, _ABSENT), self._dirty.get(key, _ABSENT))
+
     def set(self, key: str, value: Any) -> None:
+        if key not in self._undo:
+            self._remember(key)
         self._data[key] = value
         self._dirty[key] = value
 
     def delete(self, key: str) -> None:
-        if self._data.pop(key, _DELETED) is not _DELETED:
+        if key in self._data:
+            if key not in self._undo:
+                self._remember(key)
+            del self._data[key]
             self._dirty[key] = None
 
     def items(self) -> Iterator[tuple[str, Any]]:
@@ -39,8 +57,12 @@ class PartitionStore:
         self.specs = {spec.name: spec for spec in specs}
         self.data: dict[str, dict[str, Any]] = {name: {} for name in self.specs}
         self.dirty: dict[str, dict[str, Any]] = {name: {} for name in self.specs}
-        self.views = {name: TableView(self.data[name], self.dirty[name]) for name in self.specs}
+        self._undo: dict[str, Undo] = {name: {} for name in self.specs}
+        self.views = {name: TableView(self.data[name], self.dirty[name], self._undo[name])
+                      for name in self.specs}
         self.applied: int | None = None  # last input position applied
+        self.generation = 0  # the owner generation this store writes under
+        self.epoch = 0  # the replay epoch its outputs carry
 
     def load(self, table: str, key: str, encoded: str | None) -> None:
         """Applies one changelog entry during restore (not dirty: it is already durable)."""
@@ -49,8 +71,35 @@ class PartitionStore:
         else:
             self.data[table][key] = self.specs[table].decode(encoded)
 
+    # -- transactions ------------------------------------------------------------------
+    def begin(self) -> None:
+        """Starts the writes of one input message (an open transaction is committed)."""
+        self.commit()
+
+    def commit(self) -> None:
+        for undo in self._undo.values():
+            if undo:
+                undo.clear()
+
+    def rollback(self) -> None:
+        """Undoes every write since `begin`: data and dirty marks as they were."""
+        for name, undo in self._undo.items():
+            data, dirty = self.data[name], self.dirty[name]
+            for key, (value, mark) in undo.items():
+                if value is _ABSENT:
+                    data.pop(key, None)
+                else:
+                    data[key] = value
+                if mark is _ABSENT:
+                    dirty.pop(key, None)
+                else:
+                    dirty[key] = mark
+            undo.clear()
+
     def take_dirty(self) -> dict[str, list[tuple[str, str | None]]]:
-        """The changes since the last call, encoded for the changelog, and clears them."""
+        """The committed changes since the last call, encoded for the changelog, and clears
+        them."""
+        self.commit()
         out = {}
         for name, dirty in self.dirty.items():
             if dirty:
@@ -58,3 +107,8 @@ class PartitionStore:
                 out[name] = [(k, None if v is None else encode(v)) for k, v in dirty.items()]
                 dirty.clear()
         return out
+
+    def snapshot_entries(self) -> dict[str, list[tuple[str, str]]]:
+        """Every key of every table, encoded (what a snapshot holds)."""
+        return {name: [(k, self.specs[name].encode(v)) for k, v in data.items()]
+                for name, data in self.data.items()}

@@ -1,6 +1,7 @@
 """Reads a processor's table from outside its workers (status queries, the importer's
-duplicate check): restore each partition from the changelog, then fold the inputs that
-came after the changelog's stamp. Pure folds make this safe: outputs are discarded."""
+duplicate check, `streams verify`): restore each partition (snapshot + changelog), then fold
+the inputs that came after the stamp. Pure folds make this safe: outputs are discarded,
+and a message that raises is skipped as its worker skips it (its writes rolled back)."""
 
 from __future__ import annotations
 
@@ -8,17 +9,26 @@ from typing import Any
 
 from streams.api import Input, Processor
 from streams.state.recovery import restore
+from streams.state.snapshots import SnapshotStore
 from topics.codec import decode
 from topics.log import Log
 
 
-def read_table(log: Log, processor: Processor, table: str) -> dict[str, Any]:
+def read_table(log: Log, processor: Processor, table: str,
+               snapshots: SnapshotStore | None = None) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for partition in log.partitions(processor.input_topic):
-        store = restore(log, processor.changelog_topic, partition, processor.tables)
+        store, _tail = restore(log, processor.changelog_topic, partition, processor.tables,
+                               snapshots)
         for msg in log.read(processor.input_topic, partition, after=store.applied):
             schema, value = decode(msg.value)
-            processor.process(store.views, Input(schema, value, partition, msg.position,
-                                                 msg.timestamp_ms))
+            store.begin()
+            try:
+                processor.process(store.views, Input(schema, value, partition, msg.position,
+                                                     msg.timestamp_ms))
+            except Exception:
+                store.rollback()
+            else:
+                store.commit()
         merged.update(store.data[table])
     return merged

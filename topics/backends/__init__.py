@@ -19,7 +19,9 @@ def open_log(url: str, **options: object) -> Log:
         from topics.backends.embedded.log import EmbeddedLog
 
         path = parsed.path if parsed.scheme else url
-        return EmbeddedLog(Path(path), fsync=bool(options.get("fsync", False)))
+        timeout_ms = options.get("embedded_session_timeout_ms", 10_000)
+        return EmbeddedLog(Path(path), fsync=bool(options.get("fsync", False)),
+                           session_timeout_s=int(timeout_ms) / 1000)  # type: ignore[call-overload]
     if parsed.scheme == "kafka":
         from topics.backends.kafka.log import KafkaLog
 

@@ -8,8 +8,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
@@ -28,6 +30,8 @@ from topics.log import (
 )
 from topics.spec import TopicSpec
 
+log_ = logging.getLogger(__name__)
+
 REBALANCE_EVERY_S = 0.5
 # Frames hold any length; this bounds one message (and what a reader holds at once), and
 # the importer rejects a row bigger than it as a bad row, as on Kafka.
@@ -35,8 +39,9 @@ MAX_MESSAGE_BYTES = 16 << 20
 
 
 class EmbeddedLog:
-    def __init__(self, root: Path, fsync: bool = False):
+    def __init__(self, root: Path, fsync: bool = False, session_timeout_s: float = 10.0):
         self.root = Path(root)
+        self.session_timeout_s = session_timeout_s
         self.url = f"embedded://{self.root}"
         self.max_message_bytes = MAX_MESSAGE_BYTES
         self.fsync = fsync
@@ -133,7 +138,7 @@ class EmbeddedLog:
         return sorted(p.name for p in folder.iterdir()) if folder.is_dir() else []
 
     def group_positions(self, group: str) -> list[GroupPosition]:
-        gd = GroupDir(self.root, group)
+        gd = self._group(group)
         out = []
         if not gd.dir.is_dir():
             return out
@@ -145,11 +150,14 @@ class EmbeddedLog:
                 out.append(GroupPosition(group, tp, committed, lag, gd.owner(tp)))
         return out
 
+    def _group(self, group: str) -> GroupDir:
+        return GroupDir(self.root, group, self.session_timeout_s)
+
     def active_members(self, group: str) -> list[str]:
-        return GroupDir(self.root, group).live_members()
+        return self._group(group).live_members()
 
     def reset_group(self, group: str, positions: dict[TopicPartition, int | None]) -> None:
-        gd = GroupDir(self.root, group)
+        gd = self._group(group)
         live = gd.live_members()
         if live:
             raise GroupBusyError(
@@ -184,7 +192,10 @@ class EmbeddedProducer:
 
 
 class EmbeddedConsumer:
-    """Owns a fair share of the subscribed partitions; shares move as members come and go."""
+    """Owns a fair share of the subscribed partitions; shares move as members come and go.
+    Ownership is a lease per partition (groups.py): a member that stops heartbeating for
+    the session timeout (paused, stalled) loses its partitions to the others, and finds out
+    when it wakes (`on_lost`: drop the state, write nothing)."""
 
     def __init__(
         self,
@@ -198,21 +209,42 @@ class EmbeddedConsumer:
         self.topics = list(topics)
         self.listener = listener
         self.member = member or f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.groupdir = GroupDir(log.root, group)
+        self.groupdir = log._group(group)
         self._member_fd = self.groupdir.join(self.member)
-        self._owned: dict[TopicPartition, int] = {}  # tp -> owner lock fd
+        self._owned: dict[TopicPartition, tuple[str, int]] = {}  # tp -> lease held
+        self._beating = threading.Event()
+        self._heart = threading.Thread(target=self._heartbeats, daemon=True,
+                                       name=f"heartbeat-{group}-{self.member}")
+        self._heart.start()
         self._next: dict[TopicPartition, int] = {}  # tp -> next byte position to read
         self._next_rebalance = 0.0
         self._rr = 0
 
+    def _heartbeats(self) -> None:
+        every = max(0.05, min(1.0, self.groupdir.session_timeout_s / 4))
+        while not self._beating.wait(every):
+            self.groupdir.beat(self.member)
+
     def assignment(self) -> set[TopicPartition]:
         return set(self._owned)
+
+    def _lost(self, tps: list[TopicPartition]) -> None:
+        log_.warning("%s lost %s (its lease was taken: session expired)", self.member,
+                     ", ".join(map(str, tps)))
+        for tp in tps:
+            self._owned.pop(tp, None)
+            self._next.pop(tp, None)
+        on_lost = getattr(self.listener, "on_lost", None)
+        (on_lost or self.listener.on_revoked)(tps)
 
     def _all_partitions(self) -> list[TopicPartition]:
         return [TopicPartition(t, p) for t in self.topics for p in self.log.partitions(t)]
 
     def _rebalance(self) -> None:
         self._next_rebalance = time.monotonic() + REBALANCE_EVERY_S
+        lost = [tp for tp, lease in self._owned.items() if self.groupdir.lease(tp) != lease]
+        if lost:
+            self._lost(sorted(lost))
         everything = self._all_partitions()
         members = max(1, len(self.groupdir.live_members()))
         target = math.ceil(len(everything) / members)
@@ -220,7 +252,7 @@ class EmbeddedConsumer:
             extra = sorted(self._owned)[target:]
             self.listener.on_revoked(extra)
             for tp in extra:
-                self.groupdir.release(self._owned.pop(tp))
+                self.groupdir.release(tp, self._owned.pop(tp))
                 self._next.pop(tp, None)
         gained = []
         for tp in everything:
@@ -228,9 +260,9 @@ class EmbeddedConsumer:
                 break
             if tp in self._owned:
                 continue
-            fd = self.groupdir.try_own(tp, self.member)
-            if fd is not None:
-                self._owned[tp] = fd
+            lease = self.groupdir.try_own(tp, self.member)
+            if lease is not None:
+                self._owned[tp] = lease
                 self.seek_after(tp, self.groupdir.committed(tp))
                 gained.append(tp)
         if gained:
@@ -271,9 +303,15 @@ class EmbeddedConsumer:
 
     def commit(self, positions: dict[TopicPartition, int],
                metadata: dict[TopicPartition, str] | None = None) -> None:
+        lost = []
         for tp, position in positions.items():
-            if tp in self._owned:  # a revoked partition's position belongs to its new owner
-                self.groupdir.commit(tp, position, (metadata or {}).get(tp, ""))
+            lease = self._owned.get(tp)
+            if lease is None:  # a revoked partition's position belongs to its new owner
+                continue
+            if not self.groupdir.commit(tp, position, (metadata or {}).get(tp, ""), lease):
+                lost.append(tp)  # fenced: another member holds it now
+        if lost:
+            self._lost(sorted(lost))
 
     def committed(self, tp: TopicPartition) -> int | None:
         return self.groupdir.committed(tp)
@@ -285,7 +323,9 @@ class EmbeddedConsumer:
         owned = sorted(self._owned)
         if owned:
             self.listener.on_revoked(owned)
-        for fd in self._owned.values():
-            self.groupdir.release(fd)
+        for tp, lease in self._owned.items():
+            self.groupdir.release(tp, lease)
         self._owned.clear()
+        self._beating.set()
+        self._heart.join()
         self.groupdir.leave(self.member, self._member_fd)

@@ -55,6 +55,11 @@ class _Handoff(AsyncConsumerRebalanceListener):
     async def on_partitions_assigned(self, assigned: set[KafkaTP]) -> None:
         await self.member.run_listener(self.member.assigned, assigned)
 
+    async def on_partitions_lost(self, lost: set[KafkaTP]) -> None:
+        # KIP-429: evicted (session expired, fenced generation): no commit can succeed and
+        # nothing of these partitions may be made durable any more.
+        await self.member.run_listener(self.member.lost, lost)
+
 
 class GroupConsumer:
     def __init__(self, bootstrap: str, group: str, topics: Sequence[str],
@@ -92,6 +97,12 @@ class GroupConsumer:
 
     def revoked(self, tps: list[TopicPartition]) -> None:
         self.listener.on_revoked(tps)
+
+    def lost(self, tps: list[TopicPartition]) -> None:
+        log_.warning("group %s: lost %s (evicted from the group)", self.group,
+                     ", ".join(map(str, tps)))
+        on_lost = getattr(self.listener, "on_lost", None)
+        (on_lost or self.listener.on_revoked)(tps)
 
     def assigned(self, tps: list[TopicPartition]) -> None:
         # Every assigned partition starts after its committed position, as on the embedded
