@@ -33,7 +33,8 @@ def _config_default_map(ctx: click.Context, _param: click.Parameter, value: str 
         config = load_config_file(value)
     except (FileNotFoundError, ValueError) as exc:
         raise click.BadParameter(str(exc)) from None
-    commands = ("run", "import", "worker", "status", "replay", "topics", "dead-letters")
+    commands = ("run", "import", "worker", "status", "replay", "topics", "dead-letters",
+                "verify")
     ctx.default_map = {**config, **{c: config for c in commands}}
 
 
@@ -359,6 +360,37 @@ def replay(ctx: click.Context, start: str, quiet: bool) -> None:
         click.echo(report)
     finally:
         pipe.close()
+
+
+@cli.command("verify")
+@click.option("--batch", "batch_id", default=None,
+              help="Only the segments this batch names.")
+@click.option("--limit", type=int, default=50, help="Differences shown at most.")
+@click.pass_context
+def verify_(ctx: click.Context, batch_id: str | None, limit: int) -> None:
+    """Fold audience.rows from the start and compare with the state, warehouse and S3."""
+    pipe = _pipeline(ctx)
+    try:
+        try:
+            report = pipe.verify(batch_id)
+        except ValueError as exc:
+            raise click.ClickException(str(exc)) from None
+    finally:
+        pipe.close()
+    for problem in report.problems:
+        click.echo(f"problem: {problem}")
+    for shown, difference in enumerate(report.differences):
+        if shown >= limit:
+            click.echo(f"... {len(report.differences) - limit:,} more (raise --limit)")
+            break
+        click.echo(f"difference: {difference}")
+    where = ", ".join(report.compared)
+    if report.ok:
+        click.echo(f"verified: {report.expected:,} members; no differences in {where}")
+        return
+    click.echo(f"{len(report.differences):,} differences, {len(report.problems)} problems "
+               f"(compared {report.expected:,} members with {where})")
+    sys.exit(1)
 
 
 @cli.command("dead-letters")

@@ -1,23 +1,36 @@
-"""Named crash points for the crash tests: `STREAMS_CRASH_AT=name[:n]` makes the process
-SIGKILL itself the n-th time (default 1st) it passes `crash_point(name)`. Unset, a crash
-point is one dictionary lookup."""
+"""Named fault points for the crash and zombie tests.
+
+`STREAMS_CRASH_AT=name[:n]` makes the process SIGKILL itself the n-th time (default 1st)
+it passes `crash_point(name)`; `STREAMS_PAUSE_AT=name[:n]` makes it SIGSTOP itself there
+instead (a paused worker: its session expires while it sleeps, and it goes on from that
+very point when the test sends SIGCONT). Unset, a fault point is one dictionary lookup."""
 
 from __future__ import annotations
 
 import os
 import signal
 
-_TARGETS: dict[str, int] = {}
-for _item in filter(None, os.environ.get("STREAMS_CRASH_AT", "").split(",")):
-    _name, _, _n = _item.partition(":")
-    _TARGETS[_name.strip()] = int(_n or 1)
+
+def _targets(variable: str) -> dict[str, int]:
+    targets = {}
+    for item in filter(None, os.environ.get(variable, "").split(",")):
+        name, _, n = item.partition(":")
+        targets[name.strip()] = int(n or 1)
+    return targets
+
+
+_TARGETS = {name: (n, signal.SIGKILL) for name, n in _targets("STREAMS_CRASH_AT").items()}
+_TARGETS.update({name: (n, signal.SIGSTOP) for name, n in _targets("STREAMS_PAUSE_AT").items()})
 
 
 def crash_point(name: str) -> None:
     if name in _TARGETS:
-        _TARGETS[name] -= 1
-        if _TARGETS[name] <= 0:
-            os.kill(os.getpid(), signal.SIGKILL)
+        n, signum = _TARGETS[name]
+        if n <= 1:
+            del _TARGETS[name]  # a paused process that is woken goes on past it
+            os.kill(os.getpid(), signum)
+        else:
+            _TARGETS[name] = (n - 1, signum)
 
 
 def crash_armed(name: str) -> bool:

@@ -23,6 +23,7 @@ from streams.settings import Settings
 from streams.sink_task import SinkTask
 from streams.state.snapshots import SnapshotStore
 from streams.state.table_reader import read_table
+from streams.verify import Report, verify
 from streams.worker import Task, Worker
 from topics.backends import open_log
 from topics.codec import decode
@@ -133,17 +134,21 @@ class Pipeline:
         return Worker(tasks)
 
     def replay(self, start: str, on_tick: Any = None) -> str:
-        """Rewinds the segments processor and both sinks, then reprocesses to the end.
-        From `earliest` the warehouse's segment tables are rebuilt from nothing."""
+        """Rewinds the segments processor and both sinks, then reprocesses to the end. The
+        warehouse's membership is rebuilt from nothing (from the changes topic, where the
+        outputs the replay supersedes are void), the S3 objects from the last batch
+        boundary before the start."""
         segments = AudienceSegments()
-        sinks = [SinkGroup(group_of(r), CHANGES) for r in SINKS]
+        sinks = [SinkGroup(group_of("s3"), CHANGES),
+                 SinkGroup(group_of("warehouse"), CHANGES, rebuild=True)]
+        # Nothing changes unless every worker is stopped (any role: the warehouse is one
+        # file, and the status sink holds it too); then the start is resolved, then the
+        # warehouse reset, then the log rewound.
+        check_stopped(self.log, group_names(ROLES))
         replay_plan = plan(self.log, segments.input_topic, start)
-        # Nothing changes unless every worker is stopped; then the warehouse is reset
-        # before the log is rewound, so a failure leaves the log as it was.
-        check_stopped(self.log, [group_of("segments"), *(s.group for s in sinks)])
-        if start == "earliest":
-            self.warehouse.reset_segments()
-        rewind(self.log, segments, group_of("segments"), sinks, replay_plan)
+        self.warehouse.reset_segments()
+        epoch = rewind(self.log, segments, group_of("segments"), sinks, replay_plan,
+                       self.snapshots)
         worker = self.worker(("segments", "s3", "warehouse"))
         seen = -1
 
@@ -158,8 +163,34 @@ class Pipeline:
         started = time.monotonic()
         worker.run(until=caught_up, on_tick=on_tick)
         processed = ", ".join(f"{n}: {c:,}" for n, c in worker.processed.items())
-        return (f"replayed from {start} in {time.monotonic() - started:.2f}s "
-                f"(messages {processed})")
+        return (f"replayed from {start} as epoch {epoch} in "
+                f"{time.monotonic() - started:.2f}s (messages {processed})")
+
+    def verify(self, batch_id: str | None = None) -> Report:
+        """Folds `audience.rows` from the start with the segments processor and compares the
+        members it gives with the restored state, the warehouse and the S3 objects. With a
+        batch, only the segments that batch names are compared."""
+        from connectors.object_store import LocalObjectStore
+        from connectors.s3_fold import fold_objects
+
+        only = None
+        if batch_id is not None:
+            status = self.batches().get(batch_id)
+            if status is None:
+                raise ValueError(f"no batch {batch_id}")
+            named = set(status.segments)
+            only = lambda fact: fact[0] in named  # noqa: E731
+
+        def members(tables: dict[str, dict[str, Any]]) -> set[tuple[str, ...]]:
+            return {(segment, user) for user, memberships in tables["members"].items()
+                    for segment, _batch in memberships}
+
+        sinks = {
+            "warehouse": lambda: set(self.warehouse.members()),
+            "s3": lambda: fold_objects(LocalObjectStore(self.settings.object_root),
+                                       self.settings.s3_prefix),
+        }
+        return verify(self.log, AudienceSegments(), members, sinks, self.snapshots, only)
 
     def dead_letters(self, batch_id: str | None = None) -> Iterator[dict[str, Any]]:
         for partition in self.log.partitions(DEAD_LETTER):

@@ -3,9 +3,14 @@
 For each input partition, from the chosen start:
 - the processor's group is set to the message before the start;
 - a fence in its changelog voids the entries stamped at or after the start, so the table
-  is restored as it was before the start and rebuilt by reprocessing;
-- each downstream sink group is set to the last output made before the start, so the sink
-  re-delivers from there (sinks are idempotent, and skip re-emitted duplicates by stamp).
+  is restored as it was before the start and rebuilt by reprocessing, and it opens a new
+  replay EPOCH: every output made from the restored state carries it;
+- a `ReplayFence` on the output topic says the same to the sinks: outputs of an older
+  epoch made from inputs at or after the start are void (superseded by the replay's), so
+  a replay after a processor fix really changes what the sinks hold;
+- each downstream sink group is set to the last point before the start where it had no
+  open batch (it re-reads from there), or to the beginning for a sink that is rebuilt
+  from nothing (the warehouse's membership: its merges cannot be undone one by one).
 Workers of these groups must be stopped first, as with Kafka's reset tool.
 """
 
@@ -14,15 +19,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from streams.api import Processor
-from streams.state.changelog import write_fence
-from topics.codec import decode
+from streams.state.changelog import FENCE, write_fence
+from streams.state.snapshots import SnapshotStore
+from topics.codec import decode, encode, schema_name
 from topics.log import GroupBusyError, Log, TopicPartition
+
+REPLAY_FENCE = "ReplayFence"
 
 
 @dataclass(frozen=True)
 class SinkGroup:
     group: str
     topic: str  # carries values with a `source_position` stamp
+    rebuild: bool = False  # re-read from the beginning (its target was emptied)
 
 
 @dataclass(frozen=True)
@@ -72,20 +81,41 @@ def check_stopped(log: Log, groups: list[str]) -> None:
             f"{g}: {', '.join(m)}" for g, m in busy.items()))
 
 
+def current_epoch(log: Log, changelog_topic: str,
+                  snapshots: SnapshotStore | None = None) -> int:
+    """The highest replay epoch any partition of the changelog (or its snapshots) is in."""
+    epoch = 0
+    for p in log.partitions(changelog_topic):
+        for msg in log.read(changelog_topic, p):
+            if schema_name(msg.value) == FENCE:
+                epoch = max(epoch, decode(msg.value)[1]["epoch"])
+        if snapshots is not None:
+            newest = next(iter(snapshots.candidates(changelog_topic, p)), None)
+            if newest is not None:
+                epoch = max(epoch, newest.epoch)
+    return epoch
+
+
 def rewind(log: Log, processor: Processor, group: str, sinks: list[SinkGroup],
-           replay: ReplayPlan) -> None:
+           replay: ReplayPlan, snapshots: SnapshotStore | None = None) -> int:
+    """Rewinds; returns the new epoch."""
     check_stopped(log, [group, *(s.group for s in sinks)])
+    epoch = current_epoch(log, processor.changelog_topic, snapshots) + 1
     producer = log.producer()
     for partition, start in replay.starts.items():
         if start is None:
             continue
         before = _position_before(log, processor.input_topic, partition, start)
         log.reset_group(group, {TopicPartition(processor.input_topic, partition): before})
-        write_fence(producer, processor.changelog_topic, partition, start)
+        write_fence(producer, processor.changelog_topic, partition, start, epoch)
+        for topic in sorted({s.topic for s in sinks}):
+            producer.send(topic, partition, encode(REPLAY_FENCE, {"from_position": start,
+                                                                  "epoch": epoch}))
         for sink in sinks:
-            last = _sink_restart(log, sink.topic, partition, start)
+            last = None if sink.rebuild else _sink_restart(log, sink.topic, partition, start)
             log.reset_group(sink.group, {TopicPartition(sink.topic, partition): last})
     producer.flush()
+    return epoch
 
 
 def _position_before(log: Log, topic: str, partition: int, start: int) -> int | None:
@@ -99,15 +129,28 @@ def _position_before(log: Log, topic: str, partition: int, start: int) -> int | 
 
 
 def _sink_restart(log: Log, topic: str, partition: int, start: int) -> int | None:
-    """The last end marker made before `start`: sinks commit only between batches, so a
-    sink restarts there and re-reads the open batch whole."""
+    """The last position, before the first output made from an input at or after `start`,
+    where no batch was open on the partition: sinks commit only there, so a sink restarts
+    there and re-reads every open batch whole. Outputs voided by earlier replays are passed
+    over as the sinks pass over them."""
+    fences = [(v["from_position"], v["epoch"]) for v in
+              (decode(m.value)[1] for m in log.read(topic, partition)
+               if schema_name(m.value) == REPLAY_FENCE)]
+    open_batches: set[str] = set()
     last = None
     for msg in log.read(topic, partition):
         schema, value = decode(msg.value)
-        if value["source_position"] >= start:
+        if schema == REPLAY_FENCE:
+            continue
+        source, epoch = value["source_position"], value.get("epoch", 0)
+        if any(epoch < e and source >= f for f, e in fences):
+            continue
+        if source >= start:
             break
         if schema == "EndMarker":
+            open_batches.discard(value["batch_id"])
+        else:
+            open_batches.add(value["batch_id"])
+        if not open_batches:
             last = msg.position
     return last
-
-

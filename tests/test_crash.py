@@ -18,7 +18,6 @@ and stopped cleanly. Scale-out (workers sharing partitions) is in test_scale_out
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
@@ -48,7 +47,7 @@ from tests.support import expected_members, random_rows, run_cli, warehouse_memb
 from topics.backends import open_log
 from topics.backends.embedded.log import EmbeddedLog
 from topics.codec import decode, encode
-from topics.log import Log, RebalanceListener, TopicPartition
+from topics.log import Log, RebalanceListener, TopicError, TopicPartition
 from topics.spec import BATCH_STATUS, CHANGES, EVENTS, ROWS, SPECS
 
 __all__ = ["fresh_kafka_bootstrap"]  # the fixture, requested by name for Kafka tests
@@ -184,49 +183,6 @@ def wait_for(condition: Callable[[], bool], timeout: float, what: str,
         if time.monotonic() >= deadline:
             raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(interval)
-
-
-def has_opened_log(proc: subprocess.Popen[bytes], data_dir: Path) -> bool:
-    """The process holds a file of the embedded log open (it has started real work)."""
-    log_dir = str((data_dir / "log").resolve())
-    try:
-        fds = os.listdir(f"/proc/{proc.pid}/fd")
-    except FileNotFoundError:  # exited, or no /proc: fall back to the log's existence
-        return proc.poll() is not None or (data_dir / "log").is_dir()
-    for fd in fds:
-        try:
-            if os.readlink(f"/proc/{proc.pid}/fd/{fd}").startswith(log_dir):
-                return True
-        except OSError:
-            continue
-    return proc.poll() is not None
-
-
-def has_connected(proc: subprocess.Popen[bytes], port: int) -> bool:
-    """The process holds an established TCP connection to the broker at `port` (it has
-    started real work): its socket inodes, looked up in its network namespace's table."""
-    try:
-        links = []
-        for fd in os.listdir(f"/proc/{proc.pid}/fd"):
-            with contextlib.suppress(OSError):
-                links.append(os.readlink(f"/proc/{proc.pid}/fd/{fd}"))
-        with open(f"/proc/{proc.pid}/net/tcp", encoding="ascii") as table:
-            lines = table.read().splitlines()[1:]
-    except FileNotFoundError:  # exited
-        return proc.poll() is not None
-    sockets = {link[len("socket:["):-1] for link in links if link.startswith("socket:[")}
-    for line in lines:
-        fields = line.split()  # sl local remote state ... inode (10th)
-        remote_port = int(fields[2].rpartition(":")[2], 16)
-        if remote_port == port and fields[3] == "01" and fields[9] in sockets:
-            return True
-    return proc.poll() is not None
-
-
-def has_started(proc: subprocess.Popen[bytes], target: Target) -> bool:
-    if target.backend == KAFKA:
-        return has_connected(proc, int(target.bootstrap.rpartition(":")[2]))
-    return has_opened_log(proc, target.data_dir)
 
 
 # -- reading what the pipeline holds ---------------------------------------------------------
@@ -517,34 +473,62 @@ def test_run_killed_in_processor_then_in_sink_then_rerun_delivers_once(
     verify(target, [batch])
 
 
-# -- 2. kills from outside at random times -----------------------------------------------------
+# -- 2. kills from outside at random points of progress ---------------------------------------
 
-# Seconds between a `streams run` starting real work and the kill. A run takes ~2 s on the
-# embedded backend and ~8 s on Kafka (group joins), so the kills spread over its whole length.
-KILL_DELAYS = {EMBEDDED: (0.3, 3.0), KAFKA: (0.5, 7.0)}
+# A kill from outside lands on a condition, never on a delay: each attempt picks a random
+# topic (the import's rows, the processor's changes, the pipeline's events) and a random
+# share of the messages a whole run writes there (learnt once from a clean run: the same
+# input writes the same messages), and SIGKILLs the run the moment the topic holds that many
+# more messages than when the attempt began. However fast the machine, the first attempt
+# (the whole batch to do) gets there; later ones may finish first, which is fine.
+PROGRESS_TOPICS = (ROWS, CHANGES, EVENTS)
+
+
+def messages_on(target: Target, topic: str) -> int:
+    log = target.open_log()
+    try:
+        return sum(info.messages for info in log.describe(topic))
+    except TopicError:  # the run has not created its topics yet
+        return 0
+    finally:
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def clean_run_messages(tmp_path_factory: pytest.TempPathFactory,
+                       inputs: dict[str, Batch]) -> dict[str, int]:
+    """Messages per progress topic after one clean run of the first batch (embedded)."""
+    reference = Target(tmp_path_factory.mktemp("reference") / "data")
+    run_cli("run", "-q", str(inputs["first"].path), data_dir=reference.data_dir,
+            env=reference.env())
+    return {topic: messages_on(reference, topic) for topic in PROGRESS_TOPICS}
 
 
 @pytest.mark.parametrize("backend", BOTH_BACKENDS)
 def test_run_killed_from_outside_at_random_times(
         tmp_path: Path, target: Target, inputs: dict[str, Batch],
-        spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
+        spawn: Callable[..., subprocess.Popen[bytes]],
+        clean_run_messages: dict[str, int]) -> None:
     rng = random.Random(8_675_309)
     batch = inputs["first"]
     outcomes = []
     for attempt in range(3):
-        delay = rng.uniform(*KILL_DELAYS[target.backend])
+        topic = rng.choice(PROGRESS_TOPICS)
+        share = rng.uniform(0.1, 0.7)  # room for the kill before the run ends
         name = f"run-{attempt}"
+        before = messages_on(target, topic) if attempt else 0
+        goal = before + max(1, int(share * clean_run_messages[topic]))
         proc = spawn("run", "-q", str(batch.path), data_dir=target.data_dir, env=target.env(),
                      name=name)
-        wait_for(lambda proc=proc: has_started(proc, target), 60, f"{name} to start work")
-        try:
-            proc.wait(timeout=delay)  # it may finish by itself before the kill
-        except subprocess.TimeoutExpired:
+        wait_for(lambda proc=proc, topic=topic, goal=goal: proc.poll() is not None
+                 or messages_on(target, topic) >= goal, 120,
+                 f"{name} to write {goal} messages to {topic}", interval=target.poll_interval)
+        if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=30)
+        proc.wait(timeout=30)
         assert proc.returncode in (0, KILLED), output_of(tmp_path, name)
-        outcomes.append((round(delay, 2), proc.returncode))
-    assert any(code == KILLED for _d, code in outcomes), f"no kill landed: {outcomes}"
+        outcomes.append((topic, round(share, 2), proc.returncode))
+    assert outcomes[0][2] == KILLED, f"the first attempt finished before its kill: {outcomes}"
     final = run_cli("run", "-q", str(batch.path), data_dir=target.data_dir, env=target.env())
     assert re.search(r"^status\s+closed$|nothing changed", final.stdout, re.MULTILINE), \
         final.stdout
