@@ -388,6 +388,8 @@ CRASH_POINTS = [
     "import.end_marker:2",  # between the 2nd and the 3rd end marker
     "segments.after_outputs",  # mid-processing: rows applied, end markers not yet
     "segments.after_changelog",
+    "segments.inside_changelog",  # a checkpoint's first part durable, the rest not (torn)
+    "segments.inside_changelog:3",
     "pipeline.after_outputs",
     "pipeline.after_changelog",
     "sink-s3.after_chunk:7",  # a sink wrote a chunk, before anything committed
@@ -401,7 +403,8 @@ CRASH_POINTS = [
 # processor killed after its outputs (`*.after_outputs`) re-emits them; where a partition
 # then ends in duplicates, a sink on Tansu (no commit metadata) must still commit past them.
 KAFKA_CRASH_POINTS = ("import.publishing:8", "import.end_marker:2", "segments.after_outputs",
-                      "pipeline.after_outputs", "sink-warehouse.after_chunk:8")
+                      "segments.inside_changelog", "pipeline.after_outputs",
+                      "sink-warehouse.after_chunk:8")
 
 
 def assert_killed(crashed: subprocess.CompletedProcess[str], crash_at: str) -> None:

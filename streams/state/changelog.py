@@ -1,7 +1,10 @@
 """Changelog messages: a table partition's changes, stamped with the input position they
 cover. Written after the outputs they produced are durable, read back by recovery.
 
-Three kinds of message, and the rules that make a restore see only what is valid:
+Changelog topics are `cleanup.policy=delete`: restore starts from the newest snapshot in
+the object store and reads the changelog after it, so it never needs history the log may
+drop (Kafka retention, Kinesis' 1-365 days). Three kinds of message, and the rules that
+make a restore see only what is valid:
 - `Changelog`: one checkpoint of a partition is `parts` messages under one (generation,
   input position). A checkpoint is applied only when all its parts were read: a crash in
   the middle of writing one leaves a torn checkpoint that restore discards (its inputs
@@ -45,7 +48,7 @@ def write_checkpoint(producer: Producer, topic: str, partition: int, applied: in
     for part, body in enumerate(bodies):
         value = encode(ENTRY, {**body, "generation": generation, "part": part,
                                "parts": len(bodies)})
-        producer.send(topic, partition, value)
+        producer.send(topic, partition, value, _key(f"entry:{generation}:{applied}:{part}"))
         sent += len(value)
         if part == 0 and len(bodies) > 1 and crash_armed(inside):
             producer.flush()  # part 0 durable, the rest not: a torn checkpoint
@@ -75,13 +78,23 @@ def _bodies(table: str, applied: int, part: list[tuple[str, str | None]]
 
 def write_claim(producer: Producer, topic: str, partition: int, generation: int,
                 member: str) -> None:
-    producer.send(topic, partition, encode(CLAIM, {"generation": generation, "member": member}))
+    producer.send(topic, partition, encode(CLAIM, {"generation": generation, "member": member}),
+                  _key(f"claim:{generation}:{member}"))
 
 
 def write_fence(producer: Producer, topic: str, partition: int, from_position: int,
                 epoch: int = 0) -> None:
     producer.send(topic, partition, encode(FENCE, {"from_position": from_position,
-                                                   "epoch": epoch}))
+                                                   "epoch": epoch}),
+                  _key(f"fence:{epoch}:{from_position}"))
+
+
+def _key(text: str) -> bytes:
+    """Every changelog message has a key of its own: a real Kafka broker refuses keyless
+    records on a compacted topic, and with no two messages sharing a key, compaction (if an
+    operator turns it on) can drop nothing a restore needs. Restores never rely on it: they
+    start from a snapshot (snapshots.py)."""
+    return text.encode()
 
 
 @dataclass

@@ -1,0 +1,145 @@
+"""Replay rebuilds the sinks from the replayed outputs (issue 7, hole 7): a replay after a
+processor fix changes what the warehouse and the S3 objects hold, because the outputs the
+replay supersedes are void (a ReplayFence and a higher epoch in every replayed output).
+And a replay refused for a running worker changes nothing at all."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import streams.pipeline as pipeline_module
+from connectors.importer import ImportResult
+from processors.segments import AudienceSegments
+from streams.api import Input, Output, Table
+from streams.pipeline import ROLES, Pipeline
+from streams.settings import Settings
+from streams.state.changelog import FENCE
+from tests.support import expected_members, run_cli, write_csv
+from topics.codec import schema_name
+from topics.spec import CHANGES, SEGMENTS_CHANGELOG
+
+ROWS = [(f"u{i}", "s", "add") for i in range(40)] + [("u3", "s", "remove")]
+
+
+class ForgetfulSegments(AudienceSegments):
+    """A processor with a bug: it never adds user u7."""
+
+    def process(self, tables: dict[str, Table[Any]], record: Input) -> list[Output]:
+        if record.schema == "AudienceRows":
+            value = dict(record.value)
+            keep = [i for i, user in enumerate(value["user_id_column"].split("\n"))
+                    if user != "u7"]
+            from topics.columns import read_columns, write_columns
+
+            rows = read_columns(value)
+            value.update(write_columns([rows.seqs[i] for i in keep],
+                                       [rows.user_ids[i] for i in keep],
+                                       [rows.segment_ids[i] for i in keep],
+                                       [rows.ops[i] for i in keep]))
+            record = Input(record.schema, value, record.partition, record.position,
+                           record.timestamp_ms)
+        return super().process(tables, record)
+
+
+def _run(pipe: Pipeline, path: Path) -> ImportResult:
+    result = pipe.importer().run(pipe.import_request(str(path)))
+    worker = pipe.worker(ROLES, member="test")
+
+    def closed() -> bool:
+        status = pipe.batches().get(result.batch_id)
+        return status is not None and status.finished
+
+    assert worker.run(until=closed, timeout_s=120), "the batch did not finish"
+    return result
+
+
+def test_replay_after_a_processor_fix_changes_the_outputs(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = Settings(data_dir=tmp_path / "data", chunk_rows=7)
+    path = write_csv(tmp_path / "in.csv", ROWS)
+    monkeypatch.setattr(pipeline_module, "AudienceSegments", ForgetfulSegments)
+    pipe = Pipeline(settings)
+    try:
+        _run(pipe, path)
+        fixed = expected_members([("add", ROWS)])
+        assert ("s", "u7") not in set(pipe.warehouse.members())  # the bug, delivered
+        monkeypatch.setattr(pipeline_module, "AudienceSegments", AudienceSegments)
+        report = pipe.replay("earliest")
+        assert "epoch 1" in report
+        assert set(pipe.warehouse.members()) == fixed
+        check = pipe.verify()
+        assert check.ok, [str(d) for d in check.differences] + check.problems
+        # a second replay, from a batch, is epoch 2 and changes nothing more
+        batch = next(iter(pipe.batches()))
+        assert "epoch 2" in pipe.replay(f"batch:{batch}")
+        assert set(pipe.warehouse.members()) == fixed
+        assert pipe.verify().ok
+    finally:
+        pipe.close()
+
+
+def test_replay_is_refused_before_anything_is_reset(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    path = write_csv(tmp_path / "in.csv", ROWS)
+    run_cli("run", "-q", str(path), data_dir=data)
+    before = run_cli("verify", data_dir=data)
+    assert "no differences" in before.stdout
+    fences = _fences(data)
+    env = {"STREAMS_DATA_DIR": str(data)}
+    worker = subprocess.Popen([sys.executable, "-m", "streams", "worker", "--roles", "pipeline",
+                               "--member", "busy"], cwd=tmp_path, env={**_environ(), **env},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        _wait_line(worker, b"worker running")
+        refused = run_cli("replay", "--from", "earliest", data_dir=data, check=False)
+        assert refused.returncode == 1 and "stop the workers first" in refused.stderr
+        assert "processor-pipeline: busy" in refused.stderr
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=30)
+    assert _fences(data) == fences  # nothing written to the log
+    after = run_cli("verify", data_dir=data)  # nor to the warehouse
+    assert after.stdout == before.stdout
+
+
+def _fences(data: Path) -> int:
+    from topics.backends.embedded.log import EmbeddedLog
+
+    log = EmbeddedLog(data / "log")
+    try:
+        return sum(schema_name(m.value) in (FENCE, "ReplayFence")
+                   for topic in (SEGMENTS_CHANGELOG, CHANGES)
+                   for p in log.partitions(topic) for m in log.read(topic, p))
+    finally:
+        log.close()
+
+
+def _environ() -> dict[str, str]:
+    import os
+
+    return dict(os.environ)
+
+
+def _wait_line(proc: subprocess.Popen[bytes], text: bytes, timeout_s: float = 60) -> None:
+    """Reads the process's output until `text` shows (bounded)."""
+    import os
+    import select
+    import time
+
+    assert proc.stdout is not None
+    seen = b""
+    deadline = time.monotonic() + timeout_s
+    while text not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {text!r} from the worker within {timeout_s}s: {seen!r}"
+        ready, _, _ = select.select([proc.stdout], [], [], left)
+        if ready:
+            chunk = os.read(proc.stdout.fileno(), 4096)
+            assert chunk, f"the worker exited before it ran: {seen!r}"
+            seen += chunk
