@@ -27,6 +27,13 @@ ARROW_SCHEMA = pa.schema(
         pa.field("segment_id", pa.string(), nullable=False),
         pa.field("op", pa.string(), nullable=False),
         pa.field("seq", pa.int64(), nullable=False),
+        # Where the change was made: the position of the input message the segments
+        # processor made it from, and which of that input's SegmentChanges messages carried
+        # it. Rows fold in log order by (partition, source_position, part, row), across
+        # batches too (batches may interleave on a partition). Last, so that tables built
+        # on the earlier columns only need columns added.
+        pa.field("source_position", pa.int64(), nullable=False),
+        pa.field("part", pa.int32(), nullable=False),
     ]
 )
 # The columns a chunk carries; batch_id and partition are the same on every row.
@@ -36,12 +43,19 @@ _INDEX_TYPES = {"B": pa.uint8(), "H": pa.uint16(), "I": pa.uint32()}
 
 @dataclass(frozen=True, slots=True)
 class ChangeSet:
-    """Changes in the order they were made; later changes of a (segment, user) win."""
+    """Changes in the order they were made; later changes of a (segment, user) win.
+
+    A chunk is named by (first_position, first_part), the stamp of its first change: no
+    two chunks of a (batch, partition) share it, even where one input's changes (a replace
+    end marker's removals) fill many chunks.
+    """
 
     batch_id: str
     partition: int
-    first_position: int  # log position of the first input this chunk covers (deterministic)
-    columns: pa.Table  # CHANGE_COLUMNS: user_id, segment_id, op, seq (-1: removed by replace)
+    first_position: int  # source position of the first change (deterministic)
+    first_part: int  # and the part of its message
+    columns: pa.Table  # CHANGE_COLUMNS: user_id, segment_id, op, seq (-1: removed by
+    # replace), source_position, part
 
     def __post_init__(self) -> None:
         # Catch a producer bug here rather than as a bad load in the warehouse.
@@ -51,22 +65,34 @@ class ChangeSet:
         bad = set(pc.unique(self.columns["op"]).to_pylist()).difference(OPS)
         if bad:
             raise ValueError(f"{self._name()}: unknown ops {sorted(bad)}, expected one of {OPS}")
+        if len(self):
+            first = (self.columns["source_position"][0].as_py(), self.columns["part"][0].as_py())
+            if first != (self.first_position, self.first_part):
+                raise ValueError(f"{self._name()}: its first change is stamped {first}")
 
     @classmethod
     def from_lists(cls, batch_id: str, partition: int, first_position: int,
                    user_ids: Sequence[str], segment_ids: Sequence[str], ops: Sequence[str],
-                   seqs: Sequence[int]) -> ChangeSet:
+                   seqs: Sequence[int], *, first_part: int = 0,
+                   source_positions: Sequence[int] | None = None,
+                   parts: Sequence[int] | None = None) -> ChangeSet:
+        """Columns from lists; without source_positions and parts, every change comes from
+        the one message (first_position, first_part)."""
         n = len(user_ids)
-        if not len(segment_ids) == len(ops) == len(seqs) == n:
+        positions = [first_position] * n if source_positions is None else source_positions
+        parts = [first_part] * n if parts is None else parts
+        if not len(segment_ids) == len(ops) == len(seqs) == len(positions) == len(parts) == n:
             raise ValueError(
                 f"ChangeSet {batch_id}/{partition}@{first_position}: column lengths differ "
                 f"(user_ids={n}, segment_ids={len(segment_ids)}, ops={len(ops)}, "
-                f"seqs={len(seqs)})")
-        return cls(batch_id, partition, first_position, pa.Table.from_arrays(
-            _arrays(user_ids, segment_ids, ops, seqs), schema=CHANGE_COLUMNS))
+                f"seqs={len(seqs)}, source_positions={len(positions)}, parts={len(parts)})")
+        return cls(batch_id, partition, first_position, first_part, pa.Table.from_arrays(
+            [*_arrays(user_ids, segment_ids, ops, seqs), pa.array(positions, pa.int64()),
+             pa.array(parts, pa.int32())], schema=CHANGE_COLUMNS))
 
     def _name(self) -> str:
-        return f"ChangeSet {self.batch_id}/{self.partition}@{self.first_position}"
+        return (f"ChangeSet {self.batch_id}/{self.partition}"
+                f"@{self.first_position}.{self.first_part}")
 
     def __len__(self) -> int:
         return self.columns.num_rows
@@ -87,12 +113,23 @@ class ChangeSet:
     def seqs(self) -> list[int]:
         return self.columns["seq"].to_pylist()
 
-    def rows(self) -> Iterator[tuple[str, str, str, int]]:
-        """(user_id, segment_id, op, seq) per change, for the row-wise formats."""
-        return zip(self.user_ids, self.segment_ids, self.ops, self.seqs, strict=True)
+    @property
+    def source_positions(self) -> list[int]:
+        return self.columns["source_position"].to_pylist()
+
+    @property
+    def parts(self) -> list[int]:
+        return self.columns["part"].to_pylist()
+
+    def rows(self) -> Iterator[tuple[str, str, str, int, int, int]]:
+        """(user_id, segment_id, op, seq, source_position, part) per change, for the
+        row-wise formats."""
+        return zip(self.user_ids, self.segment_ids, self.ops, self.seqs, self.source_positions,
+                   self.parts, strict=True)
 
     def to_arrow(self) -> pa.Table:
-        """Columns batch_id, partition, user_id, segment_id, op, seq (ARROW_SCHEMA)."""
+        """Columns batch_id, partition, user_id, segment_id, op, seq, source_position, part
+        (ARROW_SCHEMA)."""
         n = len(self)
         return pa.Table.from_arrays(
             [pa.repeat(pa.scalar(self.batch_id, pa.string()), n),
@@ -108,7 +145,8 @@ def record_batch(value: dict[str, Any]) -> pa.RecordBatch:
     if not count or not LITTLE_ENDIAN:  # an older writer's arrays (or a rare host): lists
         rows = read_columns(value)
         return pa.RecordBatch.from_arrays(
-            _arrays(rows.user_ids, rows.segment_ids, rows.ops, rows.seqs), schema=CHANGE_COLUMNS)
+            [*_arrays(rows.user_ids, rows.segment_ids, rows.ops, rows.seqs),
+             *_stamp_columns(value, len(rows))], schema=CHANGE_COLUMNS)
     users = pc.split_pattern(pa.array([value["user_id_column"]], pa.string()), "\n").flatten()
     seqs = value["seq_column"]
     if len(users) != count or len(seqs) != 8 * count:
@@ -117,13 +155,20 @@ def record_batch(value: dict[str, Any]) -> pa.RecordBatch:
     return pa.RecordBatch.from_arrays(
         [users, _dictionary(value["segment_dictionary"], count),
          _dictionary(value["op_dictionary"], count),
-         pa.Array.from_buffers(pa.int64(), count, [None, pa.py_buffer(seqs)])],
+         pa.Array.from_buffers(pa.int64(), count, [None, pa.py_buffer(seqs)]),
+         *_stamp_columns(value, count)],
         schema=CHANGE_COLUMNS)
+
+
+def _stamp_columns(value: dict[str, Any], count: int) -> list[pa.Array]:
+    """source_position and part: the same on every row of one message."""
+    return [pa.repeat(pa.scalar(value["source_position"], pa.int64()), count),
+            pa.repeat(pa.scalar(value.get("part", 0), pa.int32()), count)]
 
 
 def _arrays(user_ids: Sequence[str], segment_ids: Sequence[str], ops: Sequence[str],
             seqs: Sequence[int]) -> list[pa.Array]:
-    """CHANGE_COLUMNS from Python lists."""
+    """The first four of CHANGE_COLUMNS from Python lists."""
     return [pa.array(user_ids, pa.string()), pa.array(segment_ids, pa.string()),
             pa.array(ops, pa.string()), pa.array(seqs, pa.int64())]
 

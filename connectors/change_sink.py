@@ -1,11 +1,21 @@
 """The sink side of `audience.segment-changes`: buffers each (batch, partition)'s changes
-into chunks of a fixed size, hands full chunks to a writer, and at the end marker checks
-the count, closes the partition in the writer and reports `sink_committed`.
+into chunks, hands chunks to a writer, and at the end marker checks the count, closes the
+partition in the writer and reports `sink_committed`.
 
-Chunk boundaries depend only on the (deduplicated) changes, and a chunk is named by the
-source position of its first change, so a rewrite after a crash or a replay produces the
-same chunks. Offsets are committed only between batches, so a restarted sink re-reads the
-open batch from its start and rebuilds every chunk of it.
+Merge in log order: batches may interleave on a partition, and the segments processor
+folds their changes in log order, so at every end marker of a partition the sink first
+flushes every open buffer of that partition (all batches), then closes the marker's
+(batch, partition) up to the marker's source position: the writer applies everything of
+the partition up to there in log order (the warehouse merges it; objects carry their
+stamps so that readers can fold them the same way).
+
+A chunk is cut when it reaches `chunk_rows` or at any end marker of its partition, and is
+named by the stamp (source position, part) of its first change: chunk boundaries and
+names are a function of the change log alone, so a rewrite after a crash or a replay
+produces the same chunks, and no two chunks share a name (one input's changes, a replace
+end marker's removals, can fill many chunks). Offsets are committed only where no batch
+is open on a partition, so a restarted sink re-reads every open batch from its start and
+rebuilds every chunk of it.
 """
 
 from __future__ import annotations
@@ -32,13 +42,19 @@ class ChangeWriter(Protocol):
     def write_chunk(self, changes: ChangeSet) -> None:
         """Durably writes one chunk; writing the same chunk again changes nothing."""
 
-    def close_partition(self, batch_id: str, partition: int, partitions: int) -> str:
-        """Makes a (batch, partition) final, exactly once; returns where its output is."""
+    def close_partition(self, batch_id: str, partition: int, partitions: int,
+                        end_position: int) -> str:
+        """Makes a (batch, partition) final, exactly once, and with it everything written
+        of the partition (any batch) at or below `end_position`, the source position of
+        the batch's end marker there; returns where its output is."""
+
+    def reset_partition(self, partition: int) -> None:
+        """Forgets what was written of a partition's open batches (about to be re-read)."""
 
 
 @dataclass
 class _Open:
-    first_position: int = -1
+    first: tuple[int, int] = (-1, 0)  # stamp of the chunk's first change
     batches: list[pa.RecordBatch] = field(default_factory=list)  # of the chunk being filled
     rows: int = 0  # in `batches`
     received: int = 0  # changes of the batch in this partition so far, all chunks
@@ -65,6 +81,7 @@ class ChangeSink:
     def reset(self, partition: int) -> None:
         for key in [k for k in self._open if k[1] == partition]:
             del self._open[key]
+        self.writer.reset_partition(partition)
 
     def process(self, record: Input) -> list[Output]:
         v = record.value
@@ -72,7 +89,7 @@ class ChangeSink:
         buf = self._open.setdefault(key, _Open())
         if record.schema == "SegmentChanges":
             if not buf.rows:
-                buf.first_position = v["source_position"]
+                buf.first = (v["source_position"], v.get("part", 0))
             changes = record_batch(v)
             buf.batches.append(changes)
             buf.rows += changes.num_rows
@@ -87,22 +104,29 @@ class ChangeSink:
             # One contiguous chunk: the bytes of an object must not depend on how the
             # changes were split into messages.
             columns = pa.Table.from_batches(buf.batches, CHANGE_COLUMNS).combine_chunks()
-            self.writer.write_chunk(ChangeSet(key[0], key[1], buf.first_position, columns))
+            self.writer.write_chunk(ChangeSet(key[0], key[1], *buf.first, columns))
             crash_point(f"sink-{self.name}.after_chunk")
             buf.batches, buf.rows = [], 0
 
     def _end_marker(self, key: tuple[str, int], buf: _Open, record: Input) -> list[Output]:
         batch_id, partition = key
+        # Everything before the marker on this partition is written before it closes: the
+        # close applies it all in log order, whichever batch it belongs to.
+        for other in sorted(k for k in self._open if k[1] == partition and k != key):
+            self._flush(other, self._open[other])
+        self._flush(key, buf)
         del self._open[key]
         expected = record.value["count"]
+        # Closed even when the count is off: the partition's later batches merge in log
+        # order after this one, and the batch fails loudly either way.
+        location = self.writer.close_partition(batch_id, partition, self.partitions,
+                                               record.value["source_position"])
+        crash_point(f"sink-{self.name}.after_close")
         if buf.received != expected:
             error = (f"sink {self.name}: partition {partition} of {self.topic} holds "
                      f"{buf.received} changes of batch {batch_id} but its end marker says "
                      f"{expected}")
             return [batch_event(batch_id, "failed", record.timestamp_ms, partition=partition,
                                 step=f"sink:{self.name}", error=error)]
-        self._flush(key, buf)
-        location = self.writer.close_partition(batch_id, partition, self.partitions)
-        crash_point(f"sink-{self.name}.after_close")
         return [batch_event(batch_id, "sink_committed", record.timestamp_ms, partition=partition,
                             sink=self.name, changes=expected, location=location)]

@@ -1,9 +1,15 @@
 """S3 sink: membership changes as objects under deterministic keys, and manifests.
 
-    <prefix>/batch=<id>/partition=<p>/part-<first source position, 20 digits>.<ext>
+    <prefix>/batch=<id>/partition=<p>/part-<position 20 digits>-<part 5 digits>.<ext>
     <prefix>/batch=<id>/partition=<p>/_manifest.json   that partition's objects (on its close)
     <prefix>/batch=<id>/manifest.json                  COPY manifest, once all partitions closed
 
+A chunk's key is the stamp of its first change: the source position of the input message
+that made it and the part of that input's outputs (a replace end marker's removals come in
+parts that share its position), so no two chunks share a key. Each row carries its own
+source_position and part: folding the rows of every object a `_manifest.json` lists by
+(partition, source_position, part, row) replays the membership changes in log order,
+across batches (connectors/s3_fold.py).
 Same chunk, same key, same bytes: a rewrite after a crash or a replay is a no-op in effect.
 The store is an ObjectStore: a local directory by default, S3 itself in a later backend.
 """
@@ -15,6 +21,11 @@ import json
 from connectors.change_set import ChangeSet
 from connectors.object_formats import ManifestEntry, encode_changes, encode_manifest, extension
 from connectors.object_store import ObjectStore
+
+
+def object_name(first_position: int, first_part: int, fmt: str) -> str:
+    """part-<position 20 digits>-<part 5 digits>.<ext>: sorted by name is in log order."""
+    return f"part-{first_position:020d}-{first_part:05d}{extension(fmt)}"
 
 
 class S3Sink:
@@ -37,14 +48,21 @@ class S3Sink:
 
     def write_chunk(self, changes: ChangeSet) -> None:
         key = (f"{self._partition_prefix(changes.batch_id, changes.partition)}/"
-               f"part-{changes.first_position:020d}{extension(self.fmt)}")
+               f"{object_name(changes.first_position, changes.first_part, self.fmt)}")
         data = encode_changes(changes, self.fmt)
         self.store.put(key, data)
         url = self.store.url(key)
         entries = self._written.setdefault((changes.batch_id, changes.partition), {})
         entries[url] = ManifestEntry(url, len(data), len(changes))
 
-    def close_partition(self, batch_id: str, partition: int, partitions: int) -> str:
+    def reset_partition(self, partition: int) -> None:
+        # The partition's open batches are re-read whole: their objects are listed again.
+        for key in [k for k in self._written if k[1] == partition]:
+            del self._written[key]
+
+    def close_partition(self, batch_id: str, partition: int, partitions: int,
+                        end_position: int) -> str:
+        # Objects need nothing more at `end_position`: their rows carry their stamps.
         entries = self._written.pop((batch_id, partition), {})
         self.store.put(f"{self._partition_prefix(batch_id, partition)}/_manifest.json",
                        encode_manifest(entries.values(), batch_id=batch_id, fmt=self.fmt))

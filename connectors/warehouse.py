@@ -1,8 +1,12 @@
 """Warehouse sink on DuckDB: bulk staging from Arrow, then one merge transaction per load.
 
-Loads are keyed by (batch, partition) in a ledger written in the same transaction as the
-merge, so a load re-run after a crash either finds its ledger row and does nothing, or
-finds nothing applied and applies everything: each batch lands exactly once.
+Merge in log order: batches may interleave on a partition, and the segments processor
+folds their changes in log order, so the merge at the end marker of (batch, partition)
+applies every staged change of the partition, of any batch, at or below the marker's
+source position, ordered by (source_position, part, row). The same transaction records the
+(batch, partition) in the load ledger and the partition's merge watermark (that source
+position). Changes at or below the watermark are not staged again (a batch re-read after a
+crash), and a merge at or below it does nothing: each change lands exactly once.
 """
 
 from __future__ import annotations
@@ -38,8 +42,10 @@ _SCHEMA = (
         updated_seq BIGINT NOT NULL
     )
     """,
-    # ordinal: position within the chunk. seq cannot order a chunk: replace end-marker
-    # removals all carry seq -1 and come after the rows they follow.
+    # (source_position, part, ordinal): where the change is in the log, which orders the
+    # changes of a partition across batches. ordinal: row within the chunk (a message's
+    # rows are in one chunk, in order). seq cannot order: replace end-marker removals all
+    # carry seq -1 and come after the rows they follow.
     # TEMP: staging needs no durability (the change sink re-reads an open batch from its
     # start after a crash), and skipping the write-ahead log made staging 5x cheaper.
     # load: a number the instance gives each open (batch, partition), which lives as long
@@ -47,7 +53,8 @@ _SCHEMA = (
     """
     CREATE TEMP TABLE IF NOT EXISTS staged_changes (
         load INTEGER NOT NULL,
-        first_position BIGINT NOT NULL,
+        source_position BIGINT NOT NULL,
+        part INTEGER NOT NULL,
         ordinal INTEGER NOT NULL,
         seq BIGINT NOT NULL,
         user_id VARCHAR NOT NULL,
@@ -64,6 +71,14 @@ _SCHEMA = (
         removed BIGINT NOT NULL,
         loaded_at TIMESTAMP NOT NULL,
         PRIMARY KEY (batch_id, partition)
+    )
+    """,
+    # Per partition of the changes topic: the source position of the last end marker
+    # merged. Everything of the partition at or below it is in segment_members.
+    """
+    CREATE TABLE IF NOT EXISTS merge_watermark (
+        partition INTEGER PRIMARY KEY,
+        source_position BIGINT NOT NULL
     )
     """,
     """
@@ -107,23 +122,31 @@ _STATUS_TYPES = {
 }
 _TIMESTAMP_COLUMNS = ("submitted_at", "published_at", "closed_at", "failed_at")
 
-# Last change per (segment, user) of one (batch, partition), ordered by chunk position
-# then by row within the chunk (packed into one HUGEINT: ordinal < 2**32), and whether
-# the user is a member now. arg_max is the set-based "last row wins": it measured ~25%
-# less CPU than QUALIFY row_number() OVER (PARTITION BY ... ORDER BY ...) = 1 on 1M rows.
-_LAST_CHANGES = """
+# Last change per (segment, user) among the staged changes of one partition up to an end
+# marker (`_merging`: which rows, and the batch of each load), in log order: by source
+# position, part and row within the chunk, packed into one HUGEINT (part, ordinal < 2**32),
+# and whether the user is a member now. arg_max is the set-based "last row wins": it
+# measured ~25% less CPU than QUALIFY row_number() OVER (PARTITION BY ... ORDER BY ...) = 1
+# on 1M rows.
+_MERGING = """
+    load IN (SELECT load FROM _staged_loads) AND source_position <= $through
+"""
+_LAST_CHANGES = f"""
     CREATE OR REPLACE TEMP TABLE _last_changes AS
-    SELECT c.segment_id, c.user_id, c.op, c.seq, m.user_id IS NOT NULL AS present
+    SELECT c.segment_id, c.user_id, c.op, c.seq, l.batch_id, m.user_id IS NOT NULL AS present
     FROM (
-        SELECT segment_id, user_id, arg_max(op, pos) AS op, arg_max(seq, pos) AS seq
+        SELECT segment_id, user_id, arg_max(op, pos) AS op, arg_max(seq, pos) AS seq,
+               arg_max(load, pos) AS load
         FROM (
-            SELECT segment_id, user_id, op, seq,
-                   first_position::HUGEINT * 4294967296 + ordinal AS pos
+            SELECT segment_id, user_id, op, seq, load,
+                   source_position::HUGEINT * 18446744073709551616
+                   + part::HUGEINT * 4294967296 + ordinal AS pos
             FROM staged_changes
-            WHERE load = $load
+            WHERE {_MERGING}
         )
         GROUP BY segment_id, user_id
     ) c
+    JOIN _staged_loads l ON l.load = c.load
     LEFT JOIN segment_members m
         ON m.segment_id = c.segment_id AND m.user_id = c.user_id
 """
@@ -135,14 +158,14 @@ _DELETE_REMOVED = """
       AND m.segment_id = c.segment_id AND m.user_id = c.user_id
 """
 _TOUCH_READDED = """
-    UPDATE segment_members m SET batch_id = $batch, updated_seq = c.seq
+    UPDATE segment_members m SET batch_id = c.batch_id, updated_seq = c.seq
     FROM _last_changes c
     WHERE c.op = 'add' AND c.present
       AND m.segment_id = c.segment_id AND m.user_id = c.user_id
 """
 _INSERT_ADDED = """
     INSERT INTO segment_members (segment_id, user_id, batch_id, updated_seq)
-    SELECT segment_id, user_id, $batch, seq FROM _last_changes
+    SELECT segment_id, user_id, batch_id, seq FROM _last_changes
     WHERE op = 'add' AND NOT present
 """
 
@@ -157,7 +180,7 @@ class LoadResult:
 
     batch_id: str
     partition: int
-    rows_loaded: int  # staged changes consumed
+    rows_loaded: int  # staged changes applied, of any batch of the partition, in log order
     added: int  # members that were absent and are now present
     removed: int  # members that were present and are now absent
     already_loaded: bool = False
@@ -201,7 +224,9 @@ class DuckDBWarehouse:
         self._sleep = sleep
         # A DuckDB connection must not run two statements at once.
         self._lock = threading.Lock()
-        self._loads: dict[tuple[str, int], int] = {}  # numbers are never reused
+        # Open (batch, partition) -> its load number in staged_changes; never reused.
+        self._loads: dict[tuple[str, int], int] = {}
+        self._next_load = 1
         self._con = self._retry("open", lambda: duckdb.connect(str(self.path)))
         # Row order of a table means nothing here (merge orders by explicit columns), and
         # dropping it lets DuckDB materialize and insert in parallel without reordering.
@@ -285,38 +310,88 @@ class DuckDBWarehouse:
     # -- loads ------------------------------------------------------------------------
 
     def stage(self, changes: ChangeSet) -> None:
-        """Bulk-insert one chunk into staged_changes; staging it again replaces it."""
+        """Bulk-insert one chunk into staged_changes, but for its changes at or below the
+        partition's merge watermark (merged already); staging it again replaces it."""
+        if not len(changes):
+            return
         table = changes.columns.append_column(
             "ordinal", pa.array(range(len(changes)), pa.int32())
         )
-        key = [changes.batch_id, changes.partition]
-        load = self._load(changes.batch_id, changes.partition)
+        first = (changes.first_position, changes.first_part)
+        last = (changes.columns["source_position"][-1].as_py(),
+                changes.columns["part"][-1].as_py())
 
         def body(con: duckdb.DuckDBPyConnection) -> None:
-            loaded = con.execute(
-                "SELECT 1 FROM load_ledger WHERE batch_id = ? AND partition = ?", key
-            ).fetchall()
-            if loaded:
+            merged = self._watermark(con, changes.partition)
+            if merged is not None and last[0] <= merged:
                 return  # a chunk re-sent after its merge committed: staging it would leak
+            load = self._load(changes.batch_id, changes.partition)
+            # The chunk's rows, if staged before: a (batch, partition)'s chunks cover
+            # disjoint runs of stamps, so its first and last stamps say which rows.
             con.execute(
-                "DELETE FROM staged_changes WHERE load = ? AND first_position = ?",
-                [load, changes.first_position],
+                """
+                DELETE FROM staged_changes
+                WHERE load = $load AND source_position BETWEEN $lo AND $hi
+                  AND source_position::HUGEINT * 4294967296 + part
+                      BETWEEN $lo::HUGEINT * 4294967296 + $lo_part
+                          AND $hi::HUGEINT * 4294967296 + $hi_part
+                """,
+                {"load": load, "lo": first[0], "lo_part": first[1], "hi": last[0],
+                 "hi_part": last[1]},
             )
             con.execute(
                 """
-                INSERT INTO staged_changes (load, first_position, ordinal, seq, user_id,
-                                            segment_id, op)
-                SELECT ?, ?, ordinal, seq, user_id, segment_id, op
+                INSERT INTO staged_changes (load, source_position, part, ordinal, seq,
+                                            user_id, segment_id, op)
+                SELECT $load, source_position, part, ordinal, seq, user_id, segment_id, op
                 FROM _chunk
+                WHERE source_position > $merged
                 """,
-                [load, changes.first_position],
+                {"load": load, "merged": -1 if merged is None else merged},
             )
 
         self._transaction(f"stage {changes.batch_id}/{changes.partition}", body, {"_chunk": table})
 
     def _load(self, batch_id: str, partition: int) -> int:
         """The number of an open (batch, partition) in staged_changes."""
-        return self._loads.setdefault((batch_id, partition), len(self._loads) + 1)
+        load = self._loads.get((batch_id, partition))
+        if load is None:
+            load = self._loads[(batch_id, partition)] = self._next_load
+            self._next_load += 1
+        return load
+
+    def _staged_loads(self, partition: int) -> pa.Table:
+        """The loads of a partition's open batches, and their batch ids."""
+        loads = [(n, b) for (b, p), n in self._loads.items() if p == partition]
+        return pa.table({"load": pa.array([n for n, _b in loads], pa.int32()),
+                         "batch_id": pa.array([b for _n, b in loads], pa.string())})
+
+    @staticmethod
+    def _watermark(con: duckdb.DuckDBPyConnection, partition: int) -> int | None:
+        rows = con.execute(
+            "SELECT source_position FROM merge_watermark WHERE partition = ?", [partition]
+        ).fetchall()
+        return rows[0][0] if rows else None
+
+    def watermark(self, partition: int) -> int | None:
+        """The source position up to which the partition is merged (None: nothing yet)."""
+        rows = self._query(
+            "read merge_watermark",
+            "SELECT source_position FROM merge_watermark WHERE partition = ?",
+            [partition],
+        )
+        return rows[0][0] if rows else None
+
+    def drop_staged(self, partition: int) -> None:
+        """Forgets what is staged of a partition (its open batches are about to be re-read)."""
+
+        def body(con: duckdb.DuckDBPyConnection) -> None:
+            con.execute("DELETE FROM staged_changes WHERE load IN (SELECT load FROM _staged_loads)")
+
+        self._transaction(f"drop staged changes of partition {partition}", body,
+                          {"_staged_loads": self._staged_loads(partition)})
+        for key in [k for k in self._loads if k[1] == partition]:
+            del self._loads[key]
 
     def is_loaded(self, batch_id: str, partition: int) -> bool:
         rows = self._query(
@@ -326,8 +401,10 @@ class DuckDBWarehouse:
         )
         return bool(rows)
 
-    def merge(self, batch_id: str, partition: int) -> LoadResult:
-        """Apply the staged changes of (batch, partition) once: last change per key wins."""
+    def merge(self, batch_id: str, partition: int, end_position: int) -> LoadResult:
+        """At the end marker of (batch, partition), whose source position is end_position:
+        applies every staged change of the partition (any batch) at or below it, in log
+        order (last change per key wins), once."""
 
         def body(con: duckdb.DuckDBPyConnection) -> LoadResult:
             done = con.execute(
@@ -338,35 +415,48 @@ class DuckDBWarehouse:
             if done:
                 rows_loaded, added, removed = done[0]
                 return LoadResult(batch_id, partition, rows_loaded, added, removed, True)
-            params = {"load": self._load(batch_id, partition)}
+            merged = self._watermark(con, partition)
+            if merged is not None and end_position <= merged:
+                return LoadResult(batch_id, partition, 0, 0, 0, already_loaded=True)
+            params = {"through": end_position}
             ((rows_loaded,),) = con.execute(
-                "SELECT count(*) FROM staged_changes WHERE load = $load", params
+                f"SELECT count(*) FROM staged_changes WHERE {_MERGING}", params
             ).fetchall()
             con.execute(_LAST_CHANGES, params)
             ((removed,),) = con.execute(_DELETE_REMOVED).fetchall()
-            con.execute(_TOUCH_READDED, {"batch": batch_id}).fetchall()
-            ((added,),) = con.execute(_INSERT_ADDED, {"batch": batch_id}).fetchall()
+            con.execute(_TOUCH_READDED).fetchall()
+            ((added,),) = con.execute(_INSERT_ADDED).fetchall()
             con.execute("DROP TABLE _last_changes")
-            con.execute(
-                "DELETE FROM staged_changes WHERE load = $load", params
-            )
+            con.execute(f"DELETE FROM staged_changes WHERE {_MERGING}", params)
             con.execute(
                 "INSERT INTO load_ledger VALUES (?, ?, ?, ?, ?, ?)",
                 [batch_id, partition, rows_loaded, added, removed, _utc_now()],
             )
+            con.execute(
+                "INSERT INTO merge_watermark VALUES (?, ?) ON CONFLICT (partition)"
+                " DO UPDATE SET source_position = excluded.source_position",
+                [partition, end_position],
+            )
             return LoadResult(batch_id, partition, rows_loaded, added, removed)
 
-        return self._transaction(f"merge {batch_id}/{partition}", body)
+        result = self._transaction(f"merge {batch_id}/{partition}", body,
+                                   {"_staged_loads": self._staged_loads(partition)})
+        # Every change of the batch in this partition is at or below its end marker.
+        self._loads.pop((batch_id, partition), None)
+        return result
 
     def reset_segments(self) -> None:
-        """Empties the membership, its staging and its ledger in one transaction, for a
-        replay from the beginning that rebuilds them (batch_status is kept)."""
+        """Empties the membership, its staging, its ledger and its watermarks in one
+        transaction, for a replay from the beginning that rebuilds them (batch_status is
+        kept)."""
 
         def body(con: duckdb.DuckDBPyConnection) -> None:
-            for table in ("segment_members", "staged_changes", "load_ledger"):
+            for table in ("segment_members", "staged_changes", "load_ledger",
+                          "merge_watermark"):
                 con.execute(f"DELETE FROM {table}")
 
         self._transaction("reset segment tables", body)
+        self._loads.clear()
 
     # -- batch status -------------------------------------------------------------------
 

@@ -1,5 +1,6 @@
-"""Warehouse sink: stages each chunk of changes in bulk, then merges a (batch, partition)
-in one transaction that also records it in the load ledger, so it is applied once."""
+"""Warehouse sink: stages each chunk of changes in bulk, then at each end marker merges
+the partition's staged changes up to it, in log order, in one transaction that also
+records the (batch, partition) in the load ledger, so each change is applied once."""
 
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ class WarehouseSink:
     def write_chunk(self, changes: ChangeSet) -> None:
         self.warehouse.stage(changes)
 
-    def close_partition(self, batch_id: str, partition: int, partitions: int) -> str:
-        self.warehouse.merge(batch_id, partition)
+    def close_partition(self, batch_id: str, partition: int, partitions: int,
+                        end_position: int) -> str:
+        self.warehouse.merge(batch_id, partition, end_position)
         return f"duckdb://{self.warehouse.path.resolve()}#segment_members"
+
+    def reset_partition(self, partition: int) -> None:
+        self.warehouse.drop_staged(partition)

@@ -9,7 +9,10 @@ State per partition (both tables changelogged):
   changes emitted, and whether the end marker was applied.
 
 Outputs are only real membership changes, then the end marker flows on downstream with the
-count of changes, and a `partition_applied` (or `failed`) event goes to the pipeline.
+count of changes, and a `partition_applied` (or `failed`) event goes to the pipeline. A
+batch whose end marker counts other than what arrived (a detected loss) fails, and its
+end marker still flows on with the changes made, so that the sinks write and merge what
+was applied: the state is the fold of the log, and the outputs mirror it.
 """
 
 from __future__ import annotations
@@ -204,7 +207,9 @@ class AudienceSegments:
                                                 progress.changes, done=True))
             error = (f"partition {partition} of {self.input_topic} holds {progress.applied} "
                      f"records of batch {batch_id} but its end marker says {m['count']}")
-            return [batch_event(batch_id, "failed", record.timestamp_ms, partition=partition,
+            # No replace removals: what the batch lists here is incomplete.
+            return [self._end_marker_out(record, m, progress.changes),
+                    batch_event(batch_id, "failed", record.timestamp_ms, partition=partition,
                                 step="segments", error=error)]
         outputs: list[Output] = []
         removed = self._replace(members, batch_id, m["segments"]) if m["mode"] == "replace" else []
@@ -215,8 +220,7 @@ class AudienceSegments:
                                          [-1] * len(chunk), part))
         changes = progress.changes + len(removed)
         batches.set(batch_id, BatchProgress(progress.max_seq, progress.applied, changes, True))
-        outputs.append(Output(CHANGES, "EndMarker", {
-            **m, "count": changes, "source_position": record.position}, partition=partition))
+        outputs.append(self._end_marker_out(record, m, changes))
         outputs.append(batch_event(batch_id, "partition_applied", record.timestamp_ms,
                                    partition=partition, rows=progress.applied, changes=changes))
         return outputs
@@ -239,6 +243,13 @@ class AudienceSegments:
                 members.delete(user)
         removed.sort()  # a deterministic order, whatever the store's iteration order
         return removed
+
+    @staticmethod
+    def _end_marker_out(record: Input, marker: dict[str, Any], changes: int) -> Output:
+        """The end marker downstream: how many changes of the batch came before it."""
+        return Output(CHANGES, "EndMarker", {
+            **marker, "count": changes, "source_position": record.position},
+            partition=record.partition)
 
     @staticmethod
     def _changes(record: Input, batch_id: str, users: list[str], segments: list[str],

@@ -4,8 +4,10 @@ Sinks see each input at least once and may see a processor's outputs twice (re-e
 after a processor crash). Every value a sink reads carries a stamp that rises along its
 partition (the source position it was made from); values at or below the last stamp seen
 are skipped. Offsets are committed only where the sink says it holds no buffered work, and
-after the events it emitted are durable, with the highest stamp seen stored beside them as
-commit metadata: that is where deduplication resumes after a restart.
+after the events it emitted are durable, with the highest stamp seen up to the committed
+message stored beside them as commit metadata: that is where deduplication resumes after a
+restart. (Not the highest stamp seen at commit time: a poll may read past the committed
+message, and a stamp from there would make the restarted sink skip what it never applied.)
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from topics.codec import shared_decode
 from topics.log import Log, TopicPartition
 
 Stamp = tuple[int, int]
+# A committable position and the highest stamp seen up to and including it.
+Mark = tuple[int, Stamp | None]
 
 
 class Sink(Protocol):
@@ -55,9 +59,9 @@ class SinkTask:
         self.name = f"sink-{sink.name}"
         self.outputs = outputs
         self._stamps: dict[int, Stamp | None] = {}
-        self._committable: dict[TopicPartition, int] = {}
+        self._committable: dict[TopicPartition, Mark] = {}
         self._metadata_kept: bool | None = None  # unknown until the first commit
-        self._skipped: dict[TopicPartition, int] = {}  # duplicates seen before that
+        self._skipped: dict[TopicPartition, Mark] = {}  # duplicates seen before that
         self.consumer = log.consumer(group, [sink.topic], self, member)
 
     def on_assigned(self, tps: Sequence[TopicPartition]) -> None:
@@ -107,10 +111,11 @@ class SinkTask:
             # without committing it, a log that keeps no commit metadata (Tansu) would hold
             # a tail of re-emitted duplicates uncommitted forever (a lag that never drains).
             if self.sink.idle(msg.partition):
+                mark = (msg.position, self._stamps.get(msg.partition))
                 if processed or self._metadata_kept or stamp == last:
-                    self._committable[msg.tp] = msg.position
+                    self._committable[msg.tp] = mark
                 elif self._metadata_kept is None:  # decided at the next commit
-                    self._skipped[msg.tp] = msg.position
+                    self._skipped[msg.tp] = mark
         if emitted or self._committable:
             self.checkpoint()
         return len(messages)
@@ -123,15 +128,16 @@ class SinkTask:
             self._commit(committable)
         if self._metadata_kept and skipped:
             # Duplicates read before we knew that metadata is kept, past the last commit.
-            later = {tp: pos for tp, pos in skipped.items() if pos > committable.get(tp, -1)}
+            later = {tp: mark for tp, mark in skipped.items()
+                     if tp not in committable or mark[0] > committable[tp][0]}
             if later:
                 self._commit(later)
 
-    def _commit(self, positions: dict[TopicPartition, int]) -> None:
-        # The highest stamp seen goes with the position: duplicates committed past may stamp
-        # lower than what was applied, so the position alone cannot say it.
-        stamps = {tp: _format_stamp(self._stamps.get(tp.partition)) for tp in positions}
-        self.consumer.commit(positions, stamps)
+    def _commit(self, marks: dict[TopicPartition, Mark]) -> None:
+        # The highest stamp seen up to the position goes with it: duplicates committed past
+        # may stamp lower than what was applied, so the position alone cannot say it.
+        stamps = {tp: _format_stamp(stamp) for tp, (_pos, stamp) in marks.items()}
+        self.consumer.commit({tp: pos for tp, (pos, _stamp) in marks.items()}, stamps)
         if self._metadata_kept is None:  # the first commit answers it for a new group
             tp, text = next(iter(stamps.items()))
             self._metadata_kept = self.consumer.committed_metadata(tp) == text

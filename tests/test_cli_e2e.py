@@ -199,6 +199,29 @@ def test_three_batches_warehouse_and_s3_objects(tmp_path: Path, fmt: str) -> Non
             assert data == files_b[key], key
 
 
+def test_replace_removals_spanning_sink_chunks_are_all_kept(tmp_path: Path) -> None:
+    """Regression, the CLI repro: 40,000 members of s, then a replace listing one user. Each
+    partition's end marker removes ~10,000 members in parts of 5,000 that share its source
+    position; chunks of 5,000 were named by that position alone, so the later chunks
+    replaced the earlier ones (the S3 object overwritten, the warehouse's staging slot
+    replaced) and the warehouse kept 30,001 members."""
+    data = tmp_path / "data"
+    users = [(f"user-{i}", "s", "add") for i in range(40_000)]
+    env = {"STREAMS_CHUNK_ROWS": "5000"}
+    run_cli("run", str(write_csv(tmp_path / "all.csv", users)), "--batch-id", "b-all", "-q",
+            data_dir=data, env=env)
+    one = write_csv(tmp_path / "one.csv", [("user-7", "s", "add")], with_op=False)
+    proc = run_cli("run", str(one), "--segment", "s", "--mode", "replace", "--batch-id",
+                   "b-one", "-q", data_dir=data, env=env)
+    assert "status      closed" in proc.stdout
+    assert members_set(data) == {("s", "user-7")}
+    got = s3_changes(data, "b-one", "parquet")
+    assert sorted(u for c in got.values() for u, _s, op, _q in c if op == "remove") == sorted(
+        u for u, _s, _o in users if u != "user-7")
+    names = sorted(p.name for p in batch_dir(data, "b-one").rglob("part-*"))
+    assert len(names) == len(set(names)) >= 2 * PARTITIONS  # ~10,000 removals each
+
+
 # ----------------------------------------------------------------- (c) status, (d) topics
 
 

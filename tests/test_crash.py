@@ -256,8 +256,8 @@ def batch_id_from_output(text: str) -> str:
 def check_s3(data_dir: Path, batch_id: str, fmt: str, start: set[tuple[str, str]],
              end: set[tuple[str, str]], changes: int) -> None:
     """The manifest lists every part object once and nothing else is there; folding the
-    objects in (partition, first position, row) order turns `start` into `end`, and every
-    row is a real change (an add of a non-member, a removal of a member)."""
+    objects in (partition, first position, first part, row) order turns `start` into `end`,
+    and every row is a real change (an add of a non-member, a removal of a member)."""
     folder = data_dir.joinpath("s3", *S3_PREFIX, f"batch={batch_id}")
     manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["batch_id"] == batch_id
@@ -290,14 +290,15 @@ def check_s3(data_dir: Path, batch_id: str, fmt: str, start: set[tuple[str, str]
     for path, entry in listed.items():
         match = re.fullmatch(r"partition=(\d+)", path.parent.name)
         assert match, path
-        name = re.fullmatch(r"part-(\d{20})" + re.escape(extension(fmt)), path.name)
+        name = re.fullmatch(r"part-(\d{20})-(\d{5})" + re.escape(extension(fmt)), path.name)
         assert name, f"unexpected object name {path.name}"
-        objects.append((int(match.group(1)), int(name.group(1)), path, entry))
+        objects.append((int(match.group(1)), int(name.group(1)), int(name.group(2)), path,
+                        entry))
     objects.sort()
 
     state = set(start)
     total = 0
-    for partition, _first, path, entry in objects:
+    for partition, _first, _part, path, entry in objects:
         data = path.read_bytes()
         assert entry["meta"]["content_length"] == len(data)
         rows = decode_changes(data, fmt)

@@ -33,15 +33,19 @@ from topics.columns import write_columns
 REPO = Path(__file__).resolve().parent.parent
 
 # Ids that trip naive encoders: quotes, backslash, newline, non-ASCII, U+2028 (a line
-# break to str.splitlines but not to JSON), emoji.
+# break to str.splitlines but not to JSON), emoji. Rows of three messages: the tail of a
+# replace end marker's part 2 (at 1200), a rows message (1250), an end marker's part 0.
 CHANGES = ChangeSet.from_lists(
     batch_id="batch-é-1",
     partition=3,
     first_position=1200,
+    first_part=2,
     user_ids=["u1", 'u"2', "u\\3", "u\n4", "ü5", "u\u20286", "😀7"],
     segment_ids=["s1", "s1", "s2", "s2", "s3", "s3", "s1"],
-    ops=["add", "add", "remove", "add", "add", "remove", "remove"],
-    seqs=[10, 11, 12, 13, 14, 15, -1],
+    ops=["remove", "remove", "remove", "add", "add", "remove", "remove"],
+    seqs=[-1, -1, 12, 13, 14, -1, -1],
+    source_positions=[1200, 1200, 1250, 1250, 1250, 2**62, 2**62],
+    parts=[2, 2, 0, 0, 0, 0, 0],
 )
 
 
@@ -54,8 +58,11 @@ def _expected_rows(cs: ChangeSet) -> list[dict[str, object]]:
             "segment_id": s,
             "op": o,
             "seq": q,
+            "source_position": sp,
+            "part": part,
         }
-        for u, s, o, q in zip(cs.user_ids, cs.segment_ids, cs.ops, cs.seqs, strict=True)
+        for u, s, o, q, sp, part in zip(cs.user_ids, cs.segment_ids, cs.ops, cs.seqs,
+                                        cs.source_positions, cs.parts, strict=True)
     ]
 
 
@@ -72,8 +79,20 @@ def test_change_set_to_arrow() -> None:
 def test_change_set_rejects_misaligned_columns_and_unknown_ops() -> None:
     with pytest.raises(ValueError, match="column lengths differ"):
         ChangeSet.from_lists("b", 0, 0, ["u1", "u2"], ["s1"], ["add"], [1])
+    with pytest.raises(ValueError, match="column lengths differ"):
+        ChangeSet.from_lists("b", 0, 0, ["u1"], ["s1"], ["add"], [1], parts=[0, 1])
     with pytest.raises(ValueError, match=r"unknown ops \['replace'\]"):
         ChangeSet.from_lists("b", 0, 0, ["u1"], ["s1"], ["replace"], [1])
+
+
+def test_change_set_is_named_by_the_stamp_of_its_first_change() -> None:
+    """(first_position, first_part) name the chunk; they must be its first row's stamp."""
+    ok = ChangeSet.from_lists("b", 0, 7, ["u1", "u2"], ["s", "s"], ["remove"] * 2, [-1, -1],
+                              first_part=3, parts=[3, 4])
+    assert (ok.first_position, ok.first_part, ok.source_positions, ok.parts) == (
+        7, 3, [7, 7], [3, 4])
+    with pytest.raises(ValueError, match=r"b/0@7.2: its first change is stamped \(7, 3\)"):
+        ChangeSet.from_lists("b", 0, 7, ["u1"], ["s"], ["add"], [1], first_part=2, parts=[3])
 
 
 @pytest.mark.parametrize("segments", [3, 300])  # 1-byte and 2-byte dictionary indexes
@@ -82,18 +101,21 @@ def test_record_batch_reads_packed_segment_changes(segments: int) -> None:
     segs = [f"seg-{i % segments}" for i in range(1000)]
     ops = ["add" if i % 3 else "remove" for i in range(1000)]
     seqs = [i * 7 - 1 for i in range(1000)]
-    value = {"batch_id": "b", "source_position": 5, **write_columns(seqs, users, segs, ops)}
+    value = {"batch_id": "b", "source_position": 5, "part": 2,
+             **write_columns(seqs, users, segs, ops)}
     _name, decoded = decode(encode("SegmentChanges", value))
-    expected = ChangeSet.from_lists("b", 0, 5, users, segs, ops, seqs)
+    expected = ChangeSet.from_lists("b", 0, 5, users, segs, ops, seqs, first_part=2)
     assert record_batch(decoded).to_pylist() == expected.columns.to_pylist()
 
 
 def test_record_batch_reads_an_older_writers_arrays() -> None:
     value = {"count": 0, "user_ids": ["u1", "u2"], "segment_ids": ["s", "t"],
-             "ops": ["add", "remove"], "seqs": [3, -1]}
+             "ops": ["add", "remove"], "seqs": [3, -1], "source_position": 9, "part": 1}
     assert record_batch(value).to_pylist() == [
-        {"user_id": "u1", "segment_id": "s", "op": "add", "seq": 3},
-        {"user_id": "u2", "segment_id": "t", "op": "remove", "seq": -1}]
+        {"user_id": "u1", "segment_id": "s", "op": "add", "seq": 3, "source_position": 9,
+         "part": 1},
+        {"user_id": "u2", "segment_id": "t", "op": "remove", "seq": -1, "source_position": 9,
+         "part": 1}]
 
 
 def test_record_batch_refuses_columns_of_the_wrong_size() -> None:
@@ -119,8 +141,9 @@ def test_encoding_is_byte_identical_and_round_trips(fmt: str) -> None:
 def _fields(cs: ChangeSet) -> dict[str, Any]:
     """The arguments of ChangeSet.from_lists that make `cs` again."""
     return {"batch_id": cs.batch_id, "partition": cs.partition,
-            "first_position": cs.first_position, "user_ids": cs.user_ids,
-            "segment_ids": cs.segment_ids, "ops": cs.ops, "seqs": cs.seqs}
+            "first_position": cs.first_position, "first_part": cs.first_part,
+            "user_ids": cs.user_ids, "segment_ids": cs.segment_ids, "ops": cs.ops,
+            "seqs": cs.seqs, "source_positions": cs.source_positions, "parts": cs.parts}
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
@@ -166,11 +189,16 @@ def test_avro_is_a_standard_container_file() -> None:
 
 
 def test_avro_sync_marker_depends_on_chunk_identity() -> None:
-    moved = ChangeSet.from_lists(**{**_fields(CHANGES), "first_position": 1201})
-    assert avro_sync_marker(moved) != avro_sync_marker(CHANGES)
-    assert len(avro_sync_marker(moved)) == 16
-    assert encode_changes(moved, "avro") != encode_changes(CHANGES, "avro")
-    assert decode_changes(encode_changes(moved, "avro"), "avro") == _expected_rows(CHANGES)
+    fields = _fields(CHANGES)
+    moved = ChangeSet.from_lists(**{**fields, "first_position": 1201,
+                                    "source_positions": [1201, *fields["source_positions"][1:]]})
+    next_part = ChangeSet.from_lists(**{**fields, "first_part": 3,
+                                        "parts": [3, *fields["parts"][1:]]})
+    markers = {avro_sync_marker(cs) for cs in (CHANGES, moved, next_part)}
+    assert len(markers) == 3 and {len(m) for m in markers} == {16}
+    for other in (moved, next_part):
+        assert encode_changes(other, "avro") != encode_changes(CHANGES, "avro")
+        assert decode_changes(encode_changes(other, "avro"), "avro") == _expected_rows(other)
 
 
 def test_parquet_is_readable_by_pyarrow() -> None:
@@ -210,14 +238,20 @@ ids = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
 @st.composite
 def change_sets(draw: st.DrawFn) -> ChangeSet:
     n = draw(st.integers(0, 30))
+    first_position, first_part = draw(st.integers(0, 2**63 - 1)), draw(st.integers(0, 99_999))
+    positions = draw(st.lists(st.integers(0, 2**63 - 1), min_size=n, max_size=n))
+    parts = draw(st.lists(st.integers(0, 2**31 - 1), min_size=n, max_size=n))
     return ChangeSet.from_lists(
         batch_id=draw(ids),
         partition=draw(st.integers(0, 2**31 - 1)),
-        first_position=draw(st.integers(0, 2**62)),
+        first_position=first_position,
+        first_part=first_part,
         user_ids=draw(st.lists(ids, min_size=n, max_size=n)),
         segment_ids=draw(st.lists(ids, min_size=n, max_size=n)),
         ops=draw(st.lists(st.sampled_from(["add", "remove"]), min_size=n, max_size=n)),
         seqs=draw(st.lists(st.integers(-1, 2**62), min_size=n, max_size=n)),
+        source_positions=[first_position, *positions[1:]][:n],
+        parts=[first_part, *parts[1:]][:n],
     )
 
 

@@ -19,7 +19,7 @@ def test_s3_sink_lists_a_chunk_written_again_once(tmp_path: Path) -> None:
     chunk = ChangeSet.from_lists("b1", 0, 0, ["u1", "u2"], ["s1", "s1"], ["add", "add"], [1, 2])
     sink.write_chunk(chunk)
     sink.write_chunk(chunk)  # the batch re-read after the partition came back
-    sink.close_partition("b1", 0, partitions=1)
+    sink.close_partition("b1", 0, partitions=1, end_position=5)
     manifest = json.loads((tmp_path / "s3" / "audience" / "segment-changes" / "batch=b1"
                            / "manifest.json").read_text(encoding="utf-8"))
     assert manifest["record_count"] == 2

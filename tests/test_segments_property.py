@@ -348,7 +348,9 @@ def test_duplicates_change_nothing(data: st.DataObject) -> None:
 @given(data=st.data())
 def test_end_marker_count_mismatch_fails_the_batch(data: st.DataObject) -> None:
     """A partition whose end marker counts more (a lost message) or fewer rows than arrived
-    emits a `failed` event naming the partition and both numbers, and nothing downstream."""
+    emits a `failed` event naming the partition and both numbers, and forwards its end
+    marker with the changes it made (no replace removals), so that the sinks write and
+    merge what was applied."""
     partitions = data.draw(st.integers(1, 5), label="partitions")
     k = data.draw(st.integers(1, 7), label="k")
     rows = data.draw(rows_st.filter(bool), label="rows")
@@ -378,17 +380,29 @@ def test_end_marker_count_mismatch_fails_the_batch(data: st.DataObject) -> None:
     error = event.value["error"]
     assert f"partition {p}" in error and "b-loss" in error
     assert f"holds {applied} records" in error and f"end marker says {count}" in error
-    assert not [o for o in run.outputs[p] if o.schema == "EndMarker"]
+    (forwarded,) = [o for o in run.outputs[p] if o.schema == "EndMarker"]
+    made = [o for o in run.outputs[p] if o.schema == "SegmentChanges"]
+    assert forwarded.topic == CHANGES and forwarded.partition == p
+    assert forwarded.value["count"] == sum(len(read_columns(o.value)) for o in made)
+    assert forwarded.value["source_position"] == next(  # delivered at its index
+        i for i, m in enumerate(messages) if m.schema == "EndMarker")
+    assert all(-1 not in read_columns(o.value).seqs for o in made)  # no replace removals
+    assert run.outputs[p].index(forwarded) < run.outputs[p].index(event)
     assert run.stores[p].data["batches"]["b-loss"].done
 
 
 def test_end_marker_count_mismatch_example() -> None:
+    """Regression: a detected loss failed the batch without forwarding the end marker, so
+    the sinks never wrote nor merged what the state had applied (and the warehouse, which
+    merges a partition in log order, would diverge from the state)."""
     batch = Batch("b1", "add", [("user-1", "seg-a", "add"), ("user-1", "seg-b", "add")])
     p = partition_for("user-1", 3)
     queue = batch_queues(batch, 3, 1, {})[p]
     lost = [queue[0], queue[2]]  # the second rows message never arrived
     run = deliver({p: lost})
-    (event,) = run.outputs[p][1:]
+    (changes, forwarded, event) = run.outputs[p]
+    assert read_columns(changes.value).user_ids == ["user-1"]
+    assert (forwarded.schema, forwarded.value["count"]) == ("EndMarker", 1)
     assert event.value["kind"] == "failed"
     assert event.value["error"] == (f"partition {p} of audience.rows holds 1 records of batch "
                                     "b1 but its end marker says 2")
