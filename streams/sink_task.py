@@ -6,30 +6,38 @@ partition (the source position it was made from); values at or below the last st
 are skipped. Offsets are committed only where the sink says it holds no buffered work, and
 after the events it emitted are durable, with the highest stamp seen up to the committed
 message stored beside them as commit metadata: that is where deduplication resumes after a
-restart. (Not the highest stamp seen at commit time: a poll may read past the committed
+restart. Stamps start with the replay epoch of the state that made the value: a replay
+writes a ReplayFence (stamp (epoch, -1, -1)) after the values it supersedes, those values are
+void here (replay.py), and the replayed ones, of the new epoch, stamp above all older ones.
+(Not the highest stamp seen at commit time: a poll may read past the committed
 message, and a stamp from there would make the restarted sink skip what it never applied.)
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from streams.api import Input, Output
 from streams.outputs import OutputWriter
-from topics.codec import shared_decode
+from topics.codec import schema_name, shared_decode
 from topics.log import Log, TopicPartition
+from topics.spec import SPECS
 
-Stamp = tuple[int, int]
+Stamp = tuple[int, ...]  # (replay epoch, *the sink's own stamp)
 # A committable position and the highest stamp seen up to and including it.
 Mark = tuple[int, Stamp | None]
+
+
+REPLAY_FENCE = "ReplayFence"
 
 
 class Sink(Protocol):
     name: str
     topic: str
 
-    def stamp(self, record: Input) -> Stamp: ...
+    def stamp(self, record: Input) -> tuple[int, ...]:
+        """Rises along the partition (the source position the value was made from)."""
 
     def process(self, record: Input) -> list[Output]:
         """Handles one value; returns events to emit once its writes are durable."""
@@ -42,14 +50,19 @@ class Sink(Protocol):
 
 
 def _format_stamp(stamp: Stamp | None) -> str:
-    return "" if stamp is None else f"stamp={stamp[0]},{stamp[1]}"
+    return "" if stamp is None else "stamp=" + ",".join(map(str, stamp))
 
 
 def _parse_stamp(text: str) -> Stamp | None:
     if not text.startswith("stamp="):
         return None
-    first, second = text.removeprefix("stamp=").split(",")
-    return int(first), int(second)
+    stamp = tuple(int(part) for part in text.removeprefix("stamp=").split(","))
+    return stamp if len(stamp) > 2 else (0, *stamp)  # before epochs: epoch 0
+
+
+def fence_stamp(value: dict[str, Any]) -> Stamp:
+    """A ReplayFence's stamp: below every value of its epoch, above every older one."""
+    return value["epoch"], -1, -1
 
 
 class SinkTask:
@@ -62,7 +75,34 @@ class SinkTask:
         self._committable: dict[TopicPartition, Mark] = {}
         self._metadata_kept: bool | None = None  # unknown until the first commit
         self._skipped: dict[TopicPartition, Mark] = {}  # duplicates seen before that
+        # Per partition, the replays known: (from_position, epoch). Values of a lower epoch
+        # made from inputs at or after from_position are void (replay.py).
+        self._fences: dict[int, list[tuple[int, int]]] = {}
+        self._has_fences = REPLAY_FENCE in SPECS[sink.topic].schemas if sink.topic in SPECS \
+            else False
         self.consumer = log.consumer(group, [sink.topic], self, member)
+
+    def _stamp(self, record: Input) -> Stamp:
+        if record.schema == REPLAY_FENCE:
+            return fence_stamp(record.value)
+        return (record.value.get("epoch", 0), *self.sink.stamp(record))
+
+    def _void(self, record: Input) -> bool:
+        """A value a replay superseded."""
+        fences = self._fences.get(record.partition)
+        if not fences or record.schema == REPLAY_FENCE:
+            return False
+        epoch = record.value.get("epoch", 0)
+        source = record.value["source_position"]
+        return any(epoch < e and source >= f for f, e in fences)
+
+    def _read_fences(self, tp: TopicPartition, after: int | None) -> None:
+        """The replays after the committed position (what this worker re-reads): a fence
+        comes after the values it voids, so it must be known before they are read."""
+        self._fences[tp.partition] = [] if not self._has_fences else [
+            (v["from_position"], v["epoch"]) for v in
+            (shared_decode(m.value)[1] for m in self.log.read(tp.topic, tp.partition, after)
+             if schema_name(m.value) == REPLAY_FENCE)]
 
     def on_assigned(self, tps: Sequence[TopicPartition]) -> None:
         for tp in tps:
@@ -74,9 +114,10 @@ class SinkTask:
                 # committed there (see step), so the committed message's stamp is the highest.
                 msg = self.log.read_at(tp.topic, tp.partition, committed)
                 schema, value = shared_decode(msg.value)
-                stamp = self.sink.stamp(Input(schema, value, tp.partition, msg.position,
-                                              msg.timestamp_ms))
+                stamp = self._stamp(Input(schema, value, tp.partition, msg.position,
+                                          msg.timestamp_ms))
             self._stamps[tp.partition] = stamp
+            self._read_fences(tp, committed)
             if committed is not None and self._metadata_kept is None:
                 # Ask once whether this log keeps commit metadata: re-commit the same
                 # position with its stamp and read it back.
@@ -86,9 +127,19 @@ class SinkTask:
 
     def on_revoked(self, tps: Sequence[TopicPartition]) -> None:
         self.checkpoint()
+        self._drop(tps)
+
+    def on_lost(self, tps: Sequence[TopicPartition]) -> None:
+        """Taken away without a clean revoke: drop the buffered work, commit nothing."""
+        self._drop(tps)
+
+    def _drop(self, tps: Sequence[TopicPartition]) -> None:
         for tp in tps:
             self.sink.reset(tp.partition)
             self._stamps.pop(tp.partition, None)
+            self._fences.pop(tp.partition, None)
+            self._committable.pop(tp, None)
+            self._skipped.pop(tp, None)
 
     def step(self, max_messages: int = 32, timeout_s: float = 0.05) -> int:
         messages = self.consumer.poll(max_messages, timeout_s)
@@ -96,14 +147,20 @@ class SinkTask:
         for msg in messages:
             schema, value = shared_decode(msg.value)
             record = Input(schema, value, msg.partition, msg.position, msg.timestamp_ms)
-            stamp = self.sink.stamp(record)
+            if msg.partition not in self._stamps:
+                continue  # lost while this poll's messages were in hand
+            stamp = self._stamp(record)
             last = self._stamps.get(msg.partition)
-            processed = last is None or stamp > last
+            processed = (last is None or stamp > last) and not self._void(record)
             if processed:
                 self._stamps[msg.partition] = stamp
-                for out in self.sink.process(record):
-                    self.outputs.send(out)
-                    emitted = True
+                if schema == REPLAY_FENCE:
+                    self._fences[msg.partition].append((value["from_position"],
+                                                        value["epoch"]))
+                else:
+                    for out in self.sink.process(record):
+                        self.outputs.send(out)
+                        emitted = True
             # A skipped duplicate may be committed past only where the stamp is kept beside
             # the position; elsewhere the committed message must carry the highest stamp.
             # A duplicate stamped exactly the highest (the re-emitted copy of the last value
