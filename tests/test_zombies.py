@@ -24,6 +24,7 @@ from tests.support import random_rows, run_cli, write_csv
 from tests.test_crash import (
     BOTH_BACKENDS,
     GROUPS,
+    N_ROWS,
     Batch,
     Target,
     backend,
@@ -42,13 +43,12 @@ from topics.spec import SEGMENTS_CHANGELOG
 
 __all__ = ["backend", "fresh_kafka_bootstrap", "spawn", "target"]  # fixtures, by name
 
-N_ROWS = 100_000
 SESSION = {"STREAMS_EMBEDDED_SESSION_TIMEOUT_MS": "1000"}  # Kafka: GROUP_TIMEOUTS (2 s)
 
 
 @pytest.fixture(scope="module")
 def batch(tmp_path_factory: pytest.TempPathFactory) -> Batch:
-    rows = random_rows(N_ROWS, users=30_000, segments=3, seed=404)
+    rows = random_rows(N_ROWS, users=50_000, segments=3, seed=404)
     return Batch(write_csv(tmp_path_factory.mktemp("zombie") / "zombie.csv", rows), "add", rows)
 
 
