@@ -463,16 +463,15 @@ def worker(ctx: click.Context, roles: str, member: str, quiet: bool) -> None:
     try:
         try:
             w = pipe.worker(chosen, member)
+            w.install_signal_handlers()
+            if not quiet:
+                click.echo(f"worker running {', '.join(chosen)} on {pipe.log.url}", err=True)
+            w.run()
         except ValueError as exc:
             raise UsageProblem(str(exc)) from None
         except WarehouseBusy as exc:
             raise click.ClickException(str(exc)) from None
-        w.install_signal_handlers()
-        if not quiet:
-            click.echo(f"worker running {', '.join(chosen)} on {pipe.log.url}", err=True)
-        try:
-            w.run()
-        except RuntimeError as exc:
+        except RuntimeError as exc:  # the log refuses a member id that is in use
             if "already running" not in str(exc):
                 raise
             raise UsageProblem(f"--member {member}: {exc}; expected a member id that no "

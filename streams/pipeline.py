@@ -98,6 +98,10 @@ class Pipeline:
 
     def worker(self, roles: tuple[str, ...] = ROLES, member: str = "") -> Worker:
         check_roles(roles)
+        if "warehouse" in roles:
+            # Before any task joins a group: a process waiting for the warehouse's lock
+            # must not hold partitions (of the s3 sink) that it does not process.
+            _ = self.warehouse
         member = member or f"{socket.gethostname()}-{os.getpid()}"
         out = OutputWriter(self.log, self.log.producer())
         s = self.settings
