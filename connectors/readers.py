@@ -20,17 +20,19 @@ import io
 import json
 import json.scanner
 import os
+import re
 import stat
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from itertools import chain, islice, repeat
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any, cast
 
+from connectors import compression
 from connectors.rows import MODES, OPS, InputFileError, RejectedRow, RowChunk
 
 if TYPE_CHECKING:  # pyarrow is imported only when a Parquet file is read
@@ -45,9 +47,12 @@ MAX_RECORD_BYTES = 16 * 1024 * 1024
 
 _BLOCK = 1024 * 1024
 _SNIFF_BYTES = 64 * 1024
-_FORMATS = ("csv", "jsonl", "parquet")
+FORMATS = ("csv", "tsv", "jsonl", "parquet")
+_FORMATS = FORMATS
 _ALIASES = {
     "csv": "csv",
+    "tsv": "tsv",
+    "tab": "tsv",
     "jsonl": "jsonl",
     "ndjson": "jsonl",
     "json": "jsonl",
@@ -66,13 +71,15 @@ _FOREIGN_BOMS = (
     (codecs.BOM_UTF16_BE, "UTF-16"),
 )
 _NEEDS_HEADER = "expected a first line naming the columns, with user_id among them"
+_DELIMITER_NAMES = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";", "pipe": "|"}
 
 
 # ---------------------------------------------------------------------------- public API
 
 
 def detect_format(path: str, fmt: str | None = None) -> str:
-    """Return "csv", "jsonl" or "parquet": from `fmt` when given, else from the extension."""
+    """Return "csv", "tsv", "jsonl" or "parquet": from `fmt` when given, else from the
+    extension under any compression suffix (`a.csv.gz` is CSV)."""
     if fmt is not None:
         found = _ALIASES.get(fmt.strip().lower())
         if found is None:
@@ -80,15 +87,42 @@ def detect_format(path: str, fmt: str | None = None) -> str:
                 f"{path}: unknown format {fmt!r}; expected one of: {', '.join(_FORMATS)}"
             )
         return found
-    suffix = os.path.splitext(path)[1].lower()
+    suffix = os.path.splitext(compression.inner_name(path))[1].lower()
     found = _SUFFIXES.get(suffix)
     if found is None:
         what = f"extension {suffix!r}" if suffix else "no extension"
         raise InputFileError(
-            f"{path}: unknown format ({what}); expected .csv, .jsonl/.ndjson/.json or "
-            f".parquet/.pq, or an explicit format: {', '.join(_FORMATS)}"
+            f"{path}: unknown format ({what}); expected .csv, .tsv, .jsonl/.ndjson/.json or "
+            f".parquet/.pq (optionally compressed: .gz, .bz2, .zst), or an explicit format: "
+            f"{', '.join(_FORMATS)}"
         )
     return found
+
+
+def parse_delimiter(text: str) -> str:
+    """One character, or a name: tab (or \\t), comma, semicolon, pipe."""
+    value = _DELIMITER_NAMES.get(text.strip().lower(), text)
+    if len(value) != 1 or value in "\r\n\"" or value.isalnum():
+        raise ValueError(
+            f"--delimiter {text!r}: expected one character other than a quote, a letter, a "
+            "digit or a line break, e.g. ';' or '|', or a name: tab, comma, semicolon, pipe"
+        )
+    return value
+
+
+def resolve_format(
+    path: str, fmt: str | None = None, delimiter: str | None = None
+) -> tuple[str, str]:
+    """(kind, delimiter): kind is "csv", "jsonl" or "parquet"; the delimiter is "" unless
+    the kind is CSV (TSV is CSV with tabs). Raises InputFileError or ValueError."""
+    kind = detect_format(path, fmt)
+    if kind == "tsv":
+        return "csv", parse_delimiter(delimiter) if delimiter else "\t"
+    if kind == "csv":
+        return "csv", parse_delimiter(delimiter) if delimiter else ","
+    if delimiter:
+        raise ValueError(f"--delimiter applies to CSV and TSV files; {path} is {kind}")
+    return kind, ""
 
 
 def file_checksum(path: str) -> str:
@@ -107,28 +141,83 @@ def read_chunks(
     segment: str | None,
     mode: str,
     fmt: str | None = None,
+    delimiter: str | None = None,
     chunk_rows: int = 50_000,
+    name: str | None = None,
 ) -> Iterator[RowChunk]:
-    """Stream `path` as RowChunks in file order.
+    """Stream `path` as RowChunks in file order; `name` is what messages and dead letters
+    call the file (default: `path`; "<stdin>" for a spooled standard input).
 
-    Whole-file problems raise InputFileError here, at call time, before any chunk exists.
-    A header-only file yields no chunks; chunks with neither rows nor rejects are never
-    yielded. Row numbers (`seqs`, `RejectedRow.row`) count data records from 1, skipping
-    blank lines and the header.
+    Whole-file problems raise InputFileError here, at call time, before any chunk exists;
+    a damaged compressed stream or Parquet page, and a CSV quote that never closes, raise
+    it mid-stream. A header-only file yields no chunks; chunks with neither rows nor
+    rejects are never yielded. Row numbers (`seqs`, `RejectedRow.row`) count data records
+    from 1, skipping blank lines and the header; `RejectedRow.line` is the physical line.
     """
+    if name is not None and name != path:
+        return _renamed(path, name, lambda: read_chunks(
+            path, segment=segment, mode=mode, fmt=fmt, delimiter=delimiter,
+            chunk_rows=chunk_rows))
     if mode not in MODES:
         raise ValueError(f"mode {mode!r} is not one of: {', '.join(MODES)}")
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
-    rules = _Rules(path, _default_segment(segment), "remove" if mode == "remove" else "add")
-    kind = detect_format(path, fmt)
+    kind, sep = resolve_format(path, fmt, delimiter)
+    rules = _Rules(path, _default_segment(segment), "remove" if mode == "remove" else "add",
+                   sep or ",")
     _check_file(path)
+    packed = compression.sniff(path)
+    rules = replace(rules, compression=packed)
     if kind == "parquet":
+        if packed:
+            raise InputFileError(
+                f"{path}: is {compression.NAMES[packed]}-compressed Parquet; expected a plain "
+                "Parquet file (Parquet compresses its own pages)")
         return _read_parquet(path, rules, chunk_rows)
-    _sniff_utf8(path)
-    if kind == "csv":
-        return _read_csv(path, rules, chunk_rows)
-    return _jsonl_chunks(path, rules, chunk_rows)
+    try:
+        _sniff_utf8(path, rules)
+        chunks = _read_csv(path, rules, chunk_rows) if kind == "csv" else _jsonl_chunks(
+            path, rules, chunk_rows)
+    except compression.STREAM_ERRORS as exc:
+        raise _damaged(path, packed, 0, exc) from None
+    return _guarded(path, packed, chunks)
+
+
+def _damaged(path: str, packed: str | None, row: int, exc: BaseException) -> InputFileError:
+    what = f"{compression.NAMES[packed]} data" if packed else "file"
+    return InputFileError(
+        f"{path}: damaged {what} after row {row} ({exc}); expected a complete file, "
+        "nothing was imported")
+
+
+def _guarded(path: str, packed: str | None, chunks: Iterator[RowChunk]) -> Iterator[RowChunk]:
+    """The chunks, with a damaged or truncated compressed stream as an InputFileError."""
+    row = 0
+    try:
+        for chunk in chunks:
+            row = max([row, *chunk.seqs[-1:], *(r.row for r in chunk.rejects[-1:])])
+            yield chunk
+    except compression.STREAM_ERRORS as exc:
+        raise _damaged(path, packed, row, exc) from None
+
+
+def _renamed(path: str, name: str, read: Callable[[], Iterator[RowChunk]]) -> Iterator[RowChunk]:
+    """read(), with `path` called `name` in its errors and dead letters."""
+    try:
+        chunks = read()
+    except InputFileError as exc:
+        raise InputFileError(str(exc).replace(path, name)) from None
+
+    def renamed() -> Iterator[RowChunk]:
+        try:
+            for chunk in chunks:
+                chunk.rejects = [RejectedRow(name, r.row, r.reason, r.raw, r.line)
+                                 for r in chunk.rejects]
+                yield chunk
+        except InputFileError as exc:
+            raise InputFileError(str(exc).replace(path, name)) from None
+
+    return renamed()
 
 
 # ------------------------------------------------------------------- whole-file checks
@@ -139,6 +228,8 @@ class _Rules:
     file: str
     segment: str | None  # the --segment default, validated; None when not given
     default_op: str  # op of rows that do not name one
+    delimiter: str = ","  # CSV and TSV
+    compression: str | None = None  # "gzip", "bz2", "zstd" (from the magic bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,9 +273,9 @@ def _not_utf8(path: str, detail: str) -> InputFileError:
     )
 
 
-def _sniff_utf8(path: str) -> None:
+def _sniff_utf8(path: str, rules: _Rules) -> None:
     """Refuse UTF-16/32 and binary files by their first line, before parsing anything."""
-    with open(path, "rb") as f:
+    with compression.open_binary(path, rules.compression) as f:
         head = f.read(_SNIFF_BYTES)
     for bom, name in _FOREIGN_BOMS:
         if head.startswith(bom):
@@ -199,6 +290,17 @@ def _sniff_utf8(path: str) -> None:
         raise _not_utf8(path, f"undecodable byte at offset {exc.start}") from None
 
 
+def _delimiter_hint(names: Sequence[str]) -> str:
+    """A one-column header holding another separator: the file likely uses it."""
+    if len(names) != 1:
+        return ""
+    for sep, spelled in (("\t", "tab"), (";", "';'"), ("|", "'|'")):
+        if sep in names[0]:
+            return (f"; the header looks separated by {spelled}: give --delimiter {spelled}"
+                    + (" or name the file .tsv" if sep == "\t" else ""))
+    return ""
+
+
 def _column_name(raw: str) -> str:
     name = raw.strip()
     return name.lower() if name.lower() in _RESERVED else name
@@ -211,7 +313,8 @@ def _layout(path: str, raw_names: Sequence[str], rules: _Rules) -> _Layout:
     if "user_id" not in names:
         shown = ", ".join(names)
         shown = shown if len(shown) <= 200 else shown[:200] + "..."
-        raise InputFileError(f"{path}: no user_id column in the header ({shown}); {_NEEDS_HEADER}")
+        raise InputFileError(f"{path}: no user_id column in the header ({shown}); {_NEEDS_HEADER}"
+                             + _delimiter_hint(names))
     twice = sorted(name for name, count in Counter(names).items() if count > 1)
     if twice:
         raise InputFileError(
@@ -342,8 +445,8 @@ class _Builder:
         if chunk.attributes is not None:
             chunk.attributes.append(attrs or {})
 
-    def reject(self, row: int, reason: str, raw: str) -> None:
-        self.chunk.rejects.append(RejectedRow(self.file, row, reason, _clip(raw)))
+    def reject(self, row: int, reason: str, raw: str, line: int = 0) -> None:
+        self.chunk.rejects.append(RejectedRow(self.file, row, reason, _clip(raw), line))
 
 
 def _bulk_chunk(
@@ -441,38 +544,107 @@ def _gc_paused() -> Iterator[None]:
 
 
 class _Malformed(list[str]):
-    """Stands in for a record the csv module refused; its length never matches a header."""
+    """Stands in for a record the csv module refused; its length never matches a header.
 
-    __slots__ = ("reason",)
+    `end_line` is the physical line the parser was on when it gave up: with the line the
+    record started on, it tells a one-line mistake from a quote that ran across lines.
+    """
 
-    def __init__(self, reason: str) -> None:
+    __slots__ = ("end_line", "reason")
+
+    def __init__(self, reason: str, end_line: int) -> None:
         super().__init__()
         self.reason = reason
+        self.end_line = end_line
 
 
-def _open_csv(path: str) -> io.TextIOWrapper:
+_EOF_IN_QUOTES = "unexpected end of data"
+
+
+def _open_csv(path: str, rules: _Rules) -> io.TextIOWrapper:
     # utf-8-sig drops a BOM; surrogateescape turns bad bytes into non-printable surrogates
     # that the row checks reject; newline="" lets csv handle CRLF and quoted newlines.
-    return open(path, encoding="utf-8-sig", errors="surrogateescape", newline="")
+    return io.TextIOWrapper(compression.open_binary(path, rules.compression),
+                            encoding="utf-8-sig", errors="surrogateescape", newline="")
 
 
-def _take(reader: Iterator[list[str]], count: int) -> list[list[str]]:
-    """Up to `count` records; a record csv refuses becomes a _Malformed and reading goes on."""
+def _take(reader: Any, count: int) -> list[list[str]]:
+    """Up to `count` records; a record csv refuses becomes a _Malformed and reading goes on
+    at the next physical line (the strict parser drops the rest of the line it failed on)."""
     batch: list[list[str]] = []
     while len(batch) < count:
         try:
             batch.extend(islice(reader, count - len(batch)))  # keeps what it read on error
             break
         except csv.Error as exc:
-            batch.append(_Malformed(str(exc)))
+            batch.append(_Malformed(str(exc), reader.line_num))
     return batch
+
+
+def _lines_of(record: list[str]) -> int:
+    """Physical lines a well-formed record spans: one, plus the line breaks inside quoted
+    fields (the file is read with newline="", so CRLF, LF and a lone CR each end a line)."""
+    if len(record) < 2 and not (record and ("\n" in record[0] or "\r" in record[0])):
+        return 1
+    text = "".join(record)
+    return 1 + text.count("\n") + text.count("\r") - text.count("\r\n")
+
+
+def _quote_error(path: str, record: _Malformed, start: int, rules: _Rules) -> InputFileError:
+    """The whole-file error for a quoted field that never closes, or that runs across lines
+    into a quoting mistake: rows after it would otherwise vanish into one field."""
+    if record.reason == _EOF_IN_QUOTES:
+        opened = _open_quote_line(path, start, rules)
+        return InputFileError(
+            f"{path}: line {opened}: a quoted field opened here is never closed (the file "
+            "ends inside it); expected a closing quote (a quote inside a field is written "
+            '""); nothing was imported')
+    return InputFileError(
+        f"{path}: line {start}: a quoted field in the record starting here runs across "
+        f"lines to line {record.end_line}, where the parser stopped ({record.reason}); "
+        'expected every quoted field to be closed (a quote inside a field is written ""); '
+        "nothing was imported")
+
+
+def _open_quote_line(path: str, start: int, rules: _Rules) -> int:
+    """The line of the opening quote of a record's last, unclosed field; `start` is the
+    record's first line. Only called on the error path: re-reads the record's lines."""
+    with _open_csv(path, rules) as f:
+        for _ in islice(f, start - 1):
+            pass
+        text = "".join(f)
+    specials = re.compile(f'["\r\n{re.escape(rules.delimiter)}]')
+    line, opened, in_quotes, field_begin, pos = start, start, False, 0, 0
+    while match := specials.search(text, pos):
+        at, ch = match.start(), match.group()
+        pos = at + 1
+        if ch == "\r" or (ch == "\n" and text[at - 1 : at] != "\r"):
+            line += 1
+        if in_quotes:
+            if ch == '"':
+                if text.startswith('"', pos):
+                    pos += 1  # "" stands for one quote inside the field
+                else:
+                    in_quotes = False
+        elif ch == '"':
+            if at == field_begin:
+                in_quotes, opened = True, line
+        else:  # a delimiter or a line break outside quotes: a new field begins
+            field_begin = pos
+    return opened
 
 
 def _is_blank(record: list[str]) -> bool:
     return not record or (len(record) == 1 and not record[0].strip())
 
 
-def _csv_header(path: str, reader: Iterator[list[str]]) -> list[str]:
+def _csv_reader(f: io.TextIOWrapper, rules: _Rules) -> Any:
+    # strict: a quote closed before the end of a field, or a file that ends inside quotes,
+    # is an error instead of text silently glued to the field.
+    return csv.reader(f, delimiter=rules.delimiter, strict=True)
+
+
+def _csv_header(path: str, reader: Any) -> list[str]:
     while True:
         batch = _take(reader, 1)
         if not batch:
@@ -480,15 +652,16 @@ def _csv_header(path: str, reader: Iterator[list[str]]) -> list[str]:
         record = batch[0]
         if isinstance(record, _Malformed):
             raise InputFileError(
-                f"{path}: unreadable header row ({record.reason}); {_NEEDS_HEADER}"
+                f"{path}: unreadable header row (line {reader.line_num}: {record.reason}); "
+                f"{_NEEDS_HEADER}"
             )
         if not _is_blank(record):
             return record
 
 
 def _csv_layout(path: str, rules: _Rules) -> _Layout:
-    with _open_csv(path) as f:
-        return _layout(path, _csv_header(path, csv.reader(f)), rules)
+    with _open_csv(path, rules) as f:
+        return _layout(path, _csv_header(path, _csv_reader(f, rules)), rules)
 
 
 def _read_csv(path: str, rules: _Rules, chunk_rows: int) -> Iterator[RowChunk]:
@@ -498,19 +671,20 @@ def _read_csv(path: str, rules: _Rules, chunk_rows: int) -> Iterator[RowChunk]:
 
 
 def _csv_chunks(path: str, rules: _Rules, layout: _Layout, chunk_rows: int) -> Iterator[RowChunk]:
-    with _open_csv(path) as f:
-        reader = csv.reader(f)
+    with _open_csv(path, rules) as f:
+        reader = _csv_reader(f, rules)
         if _layout(path, _csv_header(path, reader), rules) != layout:
             raise InputFileError(f"{path}: the header changed while the file was being read")
         row = 0
         while True:
+            line = reader.line_num  # physical lines read before this batch
             with _gc_paused():
                 batch = _take(reader, chunk_rows)
                 if not batch:
                     return
                 chunk = _csv_fast(batch, layout, rules, row + 1)
                 if chunk is None:
-                    chunk, row = _csv_slow(batch, layout, rules, row)
+                    chunk, row = _csv_slow(batch, layout, rules, row, line)
                 else:
                     row += len(batch)
                 del batch
@@ -537,21 +711,29 @@ def _csv_fast(
 
 
 def _csv_slow(
-    batch: list[list[str]], layout: _Layout, rules: _Rules, row: int
+    batch: list[list[str]], layout: _Layout, rules: _Rules, row: int, line: int
 ) -> tuple[RowChunk, int]:
+    """The row-by-row path; `line` counts the physical lines before the batch, so every
+    reject names the line its record starts on."""
     out = _Builder(rules.file, bool(layout.attr_names))
     width = len(layout.names)
     seg_at, op_at = layout.segment_id, layout.op
     for record in batch:
+        start = line + 1
         if isinstance(record, _Malformed):
+            if record.reason == _EOF_IN_QUOTES or record.end_line > start:
+                raise _quote_error(rules.file, record, start, rules)
+            line = record.end_line
             row += 1
-            out.reject(row, f"malformed CSV record: {record.reason}", "")
+            out.reject(row, f"malformed CSV record: {record.reason}", "", start)
             continue
+        line += _lines_of(record)
         if _is_blank(record):
             continue
         row += 1
         if len(record) != width:
-            out.reject(row, f"expected {width} fields, got {len(record)}", _csv_raw(record))
+            out.reject(row, f"expected {width} fields, got {len(record)}",
+                       _csv_raw(record, rules.delimiter), start)
             continue
         clean = _clean_row(
             rules,
@@ -560,7 +742,7 @@ def _csv_slow(
             None if op_at is None else record[op_at],
         )
         if isinstance(clean, str):
-            out.reject(row, clean, _csv_raw(record))
+            out.reject(row, clean, _csv_raw(record, rules.delimiter), start)
             continue
         attrs = None
         if layout.attr_names:
@@ -570,15 +752,16 @@ def _csv_slow(
             }
             problem = _attr_problem(attrs)
             if problem:
-                out.reject(row, problem, _csv_raw(record))
+                out.reject(row, problem, _csv_raw(record, rules.delimiter), start)
                 continue
         out.add(row, clean, attrs)
     return out.chunk, row
 
 
-def _csv_raw(record: list[str]) -> str:
+def _csv_raw(record: list[str], delimiter: str = ",") -> str:
     buf = io.StringIO()
-    csv.writer(buf, lineterminator="").writerow([field[:RAW_CHARS] for field in record])
+    writer = csv.writer(buf, delimiter=delimiter, lineterminator="")
+    writer.writerow([field[:RAW_CHARS] for field in record])
     return buf.getvalue()
 
 
@@ -606,7 +789,7 @@ def _take_lines(pieces: Iterator[bytes], count: int, limit: int) -> list[bytes |
 
 def _jsonl_chunks(path: str, rules: _Rules, chunk_rows: int) -> Iterator[RowChunk]:
     limit = MAX_RECORD_BYTES
-    with open(path, "rb") as f:
+    with compression.open_binary(path, rules.compression) as f:
         # readline(limit) bounds memory per line; the callable iterator keeps the loop in C.
         pieces = iter(partial(f.readline, limit), b"")
         row, first = 0, True
@@ -795,8 +978,9 @@ def _parquet_chunks(
         while True:
             try:
                 batch = next(batches, None)
-            except pa.ArrowException as exc:
-                # Only found mid-stream: a corrupt page deep in an otherwise valid file.
+            except (pa.ArrowException, OSError) as exc:
+                # Only found mid-stream: a corrupt page deep in an otherwise valid file
+                # (a bad snappy block is an OSError, not an ArrowException).
                 raise InputFileError(
                     f"{path}: corrupt Parquet data after row {row} ({exc})"
                 ) from exc

@@ -27,6 +27,7 @@ class RejectedRow:
     row: int  # 1-based number of the data record in the file (header not counted)
     reason: str
     raw: str  # the row as read, truncated to a bounded length
+    line: int = 0  # physical line the record starts on (text formats; 0: not known)
 
 
 @dataclass(slots=True)

@@ -3,14 +3,18 @@ publishing anything, so a file that fails its error budget leaves no rows on the
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
 import psutil
 
 _HEAD = struct.Struct("<HI")
+_BLOCK = 1024 * 1024
 
 
 class Spool:
@@ -54,3 +58,36 @@ def spool_path(folder: Path, batch_id: str) -> Path:
         if pid.isdigit() and not psutil.pid_exists(int(pid)):
             old.unlink(missing_ok=True)
     return folder / f"{batch_id}.{os.getpid()}.spool"
+
+
+def import_in_progress(folder: Path, batch_id: str) -> bool:
+    """Whether a live process on this machine is importing the batch: its spool exists
+    from before the batch is submitted until after it is published."""
+    for found in folder.glob(f"{batch_id}.*.spool"):
+        pid = found.name.removesuffix(".spool").rsplit(".", 1)[-1]
+        if pid.isdigit() and psutil.pid_exists(int(pid)):
+            return True
+    return False
+
+
+def spool_stream(source: BinaryIO, folder: Path, on_bytes: Callable[[int], None]
+                 ) -> tuple[Path, str]:
+    """Copies a pipe (standard input, a FIFO) to a file in `folder`, hashing it as it
+    streams, so the importer can read it twice (header, then rows) like a file.
+    Returns (path, sha256); the caller removes the file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"input.{os.getpid()}.{time.monotonic_ns()}.part"
+    digest, size = hashlib.sha256(), 0
+    try:
+        with open(path, "wb") as out:
+            # read1 returns what the pipe holds now: progress follows a slow producer.
+            read = getattr(source, "read1", source.read)
+            while block := read(_BLOCK):
+                digest.update(block)
+                out.write(block)
+                size += len(block)
+                on_bytes(size)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path, digest.hexdigest()

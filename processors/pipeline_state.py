@@ -43,6 +43,9 @@ class BatchStatus:
     failed_step: str = ""
     error: str = ""
     updated_at: int | None = None
+    # The options of the first submission (format, delimiter, mode, segment): with the
+    # checksum, the identity of the request. Empty for batches from before it was kept.
+    request: dict[str, str] = field(default_factory=dict)
 
     @property
     def changes(self) -> int:
@@ -75,7 +78,8 @@ def fold(status: BatchStatus | None, event: dict[str, Any]) -> BatchStatus | Non
             return status  # a double-fired trigger: the first submission stands
         return BatchStatus(batch_id=event["batch_id"], source=event["source"],
                            checksum=event["checksum"], mode=event["mode"],
-                           sinks=tuple(event["sinks"]), submitted_at=at, updated_at=at)
+                           sinks=tuple(event["sinks"]), submitted_at=at, updated_at=at,
+                           request=_request(event))
     if status is None or status.finished:
         return status
     if kind == "published":
@@ -114,6 +118,17 @@ def fold(status: BatchStatus | None, event: dict[str, Any]) -> BatchStatus | Non
     return _close_if_complete(status, at)
 
 
+def _request(event: dict[str, Any]) -> dict[str, str]:
+    # A submitted event carries the request as JSON in `step` (BatchEvent has no field of
+    # its own for it yet).
+    text = event.get("step") or ""
+    try:
+        request = json.loads(text) if text.startswith("{") else {}
+    except ValueError:
+        return {}
+    return {str(k): str(v) for k, v in request.items()} if isinstance(request, dict) else {}
+
+
 def _close_if_complete(status: BatchStatus, at: int) -> BatchStatus:
     if status.status != PUBLISHED or len(status.applied) != status.partitions:
         return status
@@ -131,6 +146,11 @@ class PipelineState:
 
     def process(self, tables: dict[str, Table[Any]], record: Input) -> list[Output]:
         event = record.value
+        if event["kind"] == "sink_committed" and record.timestamp_ms > event["at_ms"]:
+            # A sink stamps its event with its input's time (the end marker's); the event's
+            # own time on the log is after the sink committed: a batch closes then, not
+            # seconds before its last load finished. Log times replay the same.
+            event = {**event, "at_ms": record.timestamp_ms}
         batches: Table[BatchStatus] = tables["batches"]
         before = batches.get(event["batch_id"])
         after = fold(before, event)

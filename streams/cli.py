@@ -1,6 +1,14 @@
 """The `streams` command line. Every option is also an environment variable (STREAMS_ +
 the option name, e.g. STREAMS_DATA_DIR) and a key of the config file (`streams.toml`, or
---config / STREAMS_CONFIG), with flags first, then variables, then the file."""
+--config / STREAMS_CONFIG), with flags first, then variables, then the file.
+
+The group's options are accepted before or after the subcommand: `@command` gives every
+subcommand a copy of them, whose values (when typed) override the group's. A subcommand
+added later with `@command(...)` gets them too.
+
+Exit codes: 0 done; 1 bad input data, a failed or unfinished batch; 2 a usage error (an
+option, a setting or an argument is wrong); 130 interrupted (Ctrl-C).
+"""
 
 from __future__ import annotations
 
@@ -14,96 +22,248 @@ from datetime import UTC, datetime
 from typing import Any
 
 import click
+from click.core import ParameterSource
 
 from connectors.importer import ImportRefused, ImportResult
 from connectors.rows import MODES, InputFileError
-from processors.pipeline_state import BatchStatus
+from connectors.spool import import_in_progress
+from processors.pipeline_state import SUBMITTED, BatchStatus
 from streams.child_worker import ChildWorker, ChildWorkerDied
-from streams.pipeline import PROCESSOR_ROLES, ROLES, SINK_ROLES, Pipeline, group_names
-from streams.settings import Settings, load_config_file
+from streams.pipeline import PROCESSOR_ROLES, ROLES, SINK_ROLES, Pipeline, check_roles, group_names
+from streams.settings import Settings, load_config_file, unknown_keys
+from streams.warehouse_wait import WarehouseBusy
 from topics.log import GroupBusyError, TopicError
 
+_FORMATS = ["csv", "tsv", "jsonl", "parquet"]
+_MODE_WORDS = {"add": "add: the listed users join their segments",
+               "remove": "remove: the listed users leave their segments",
+               "replace": "replace: each named segment becomes exactly the listed users"}
 
-def _settings(ctx: click.Context) -> Settings:
-    return ctx.find_root().obj
+
+class UsageProblem(click.ClickException):
+    """A wrong option, setting or argument: one line, exit 2 (as click's usage errors)."""
+
+    exit_code = 2
+
+
+class Interrupted(click.ClickException):
+    exit_code = 130
+
+
+# ------------------------------------------------------------------- group options
+
+# (flags, settings) of every group option: declared once, used by the group and copied
+# onto every subcommand.
+GROUP_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
+    (("--data-dir",), dict(type=click.Path(file_okay=False), default=".streams",
+                          help="Where the embedded log, the local object store and the "
+                               "warehouse live.")),
+    (("--backend",), dict(type=click.Choice(["embedded", "kafka"]), default="embedded")),
+    (("--bootstrap",), dict(default="", help="Kafka bootstrap servers, host:port[,...].")),
+    (("--s3-format",), dict(type=click.Choice(["parquet", "avro", "jsonl"]), default="parquet",
+                           help="Format of the objects the S3 sink writes.")),
+    (("--s3-root",), dict(type=click.Path(file_okay=False), default=None,
+                         help="Local object store root [default: DATA_DIR/s3].")),
+    (("--warehouse",), dict(type=click.Path(dir_okay=False), default=None,
+                           help="DuckDB file [default: DATA_DIR/warehouse.duckdb].")),
+    (("--warehouse-threads",), dict(type=click.IntRange(1), default=1,
+                                   help="DuckDB threads of the warehouse sink: its merges are "
+                                        "per (batch, partition) and leave the other cores to "
+                                        "the processors.")),
+    (("--warehouse-memory-limit",), dict(default="",
+                                        help="DuckDB memory_limit, e.g. 256MB [default: "
+                                             "DuckDB's, 80% of RAM].")),
+    (("--warehouse-lock-timeout-s",), dict(type=float, default=600.0,
+                                          help="How long to wait for the warehouse while "
+                                               "another process holds it.")),
+    (("--s3-prefix",), dict(default="audience/segment-changes",
+                           help="Key prefix of the S3 sink's objects.")),
+    (("--message-rows",), dict(type=click.IntRange(1, 100_000), default=5000,
+                              help="Rows packed into one message on the rows topic.")),
+    (("--chunk-rows",), dict(type=click.IntRange(1), default=100_000,
+                            help="Rows per object the S3 sink writes (and per warehouse "
+                                 "staging load).")),
+    (("--checkpoint-interval-s",), dict(type=click.FloatRange(0.01), default=1.0,
+                                       help="Longest time between processor checkpoints.")),
+    (("--state-root",), dict(type=click.Path(file_okay=False), default=None,
+                            help="Where partition state snapshots go [default: "
+                                 "DATA_DIR/state].")),
+    (("--snapshot-bytes",), dict(type=click.IntRange(1), default=64 << 20,
+                                help="Changelog bytes of a partition between state "
+                                     "snapshots.")),
+    (("--snapshot-interval-s",), dict(type=click.FloatRange(0.01), default=3600.0,
+                                     help="Longest time between state snapshots of a "
+                                          "partition that changed (keep it well under the "
+                                          "changelog's retention).")),
+    (("--embedded-session-timeout-ms",), dict(type=click.IntRange(100), default=10_000,
+                                             help="Embedded log: a worker silent this long "
+                                                  "(paused, stalled) loses its partitions.")),
+    (("--kafka-option",), dict(multiple=True, metavar="KEY=VALUE",
+                              help="A kafka-python client setting (repeatable), e.g. "
+                                   "linger.ms=5.")),
+    (("--kafka-session-timeout-ms",), dict(type=int, default=None,
+                                          help="Consumer group session timeout [default: "
+                                               "Kafka's].")),
+    (("--kafka-heartbeat-interval-ms",), dict(type=int, default=None,
+                                             help="Consumer group heartbeat interval "
+                                                  "[default: Kafka's].")),
+    (("--kafka-max-poll-interval-ms",), dict(type=int, default=None,
+                                            help="Longest time between polls before a member "
+                                                 "is dropped [default: Kafka's].")),
+    (("--kafka-replication-factor",), dict(type=int, default=1,
+                                          help="Replication factor of topics the pipeline "
+                                               "creates.")),
+    (("--kafka-max-request-size",), dict(type=int, default=1 << 20,
+                                        help="Largest message the producer sends: rows are "
+                                             "packed under it, a row too big on its own is "
+                                             "dead-lettered.")),
+    (("--fsync/--no-fsync",), dict(default=False,
+                                   help="fsync the embedded log on every flush (survives "
+                                        "power loss, slower).")),
+    (("-v", "--verbose"), dict(count=True, help="More logging (-v info, -vv debug).")),
+]
+_CONFIG_HELP = "TOML config file (default: ./streams.toml if present)."
+_OVERRIDES = "streams.overrides"
+
+
+def _warn_unknown_config_keys(ctx: click.Context, config: dict[str, Any], source: str) -> None:
+    known = {p.name for p in ctx.find_root().command.params if p.name}
+    group = ctx.find_root().command
+    if isinstance(group, click.Group):
+        for sub in group.commands.values():
+            known.update(p.name for p in sub.params if p.name)
+            known.update(p.opts[0].lstrip("-").replace("-", "_") for p in sub.params
+                         if isinstance(p, click.Option))
+    for warning in unknown_keys(config, known - {"config"}):
+        click.echo(f"warning: config file {source}: {warning}", err=True)
 
 
 def _config_default_map(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
     try:
         config = load_config_file(value)
     except (FileNotFoundError, ValueError) as exc:
-        raise click.BadParameter(str(exc)) from None
-    commands = ("run", "import", "worker", "status", "replay", "topics", "dead-letters",
-                "verify")
-    ctx.default_map = {**config, **{c: config for c in commands}}
+        raise UsageProblem(str(exc)) from None
+    if config:
+        _warn_unknown_config_keys(ctx, config, value or os.environ.get("STREAMS_CONFIG")
+                                  or "streams.toml")
+    commands = ctx.command.commands if isinstance(ctx.command, click.Group) else {}
+    # Subcommands take their own keys (segment, roles, ...); the group's keys stay with the
+    # group, below flags and variables (the subcommands' copies of them read no config).
+    group_keys = {p.name for p in ctx.command.params}
+    own = {k: v for k, v in config.items() if k not in group_keys}
+    ctx.default_map = {**config, **{c: own for c in commands}}
+
+
+def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    """A group option typed after the subcommand: kept, to override the group's value.
+    The copies read no variable and no config key, so a value means it was typed."""
+    untyped = value is None or (value == () and getattr(param, "multiple", False)) or (
+        value == 0 and getattr(param, "count", False))
+    if param.name and not untyped:
+        ctx.find_root().meta.setdefault(_OVERRIDES, {})[param.name] = value
+
+
+def _late_config(ctx: click.Context, _param: click.Parameter, value: str | None) -> None:
+    if value is not None:
+        ctx.find_root().meta["streams.late_config"] = value
+
+
+def _group_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    for decls, kwargs in reversed(GROUP_OPTIONS):
+        f = click.option(*decls, **kwargs)(f)
+    return click.option("--config", callback=_config_default_map, is_eager=True,
+                        expose_value=False, help=_CONFIG_HELP)(f)
+
+
+def _copied_group_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    for decls, kwargs in reversed(GROUP_OPTIONS):
+        copy = {k: v for k, v in kwargs.items() if k not in ("default", "show_default")}
+        f = click.option(*decls, **copy, default=None, show_default=False, expose_value=False,
+                         callback=_remember, allow_from_autoenv=False)(f)
+    return click.option("--config", callback=_late_config, expose_value=False,
+                        allow_from_autoenv=False, help=_CONFIG_HELP)(f)
+
+
+def command(name: str | None = None, **kwargs: Any) -> Callable[[Callable[..., Any]], Any]:
+    """`@cli.command`, with the group's options accepted after the subcommand too."""
+    def decorate(f: Callable[..., Any]) -> Any:
+        return cli.command(name, **kwargs)(_copied_group_options(f))
+    return decorate
 
 
 @click.group(context_settings={"auto_envvar_prefix": "STREAMS", "show_default": True})
-@click.option("--config", callback=_config_default_map, is_eager=True, expose_value=False,
-              help="TOML config file (default: ./streams.toml if present).")
-@click.option("--data-dir", type=click.Path(file_okay=False), default=".streams",
-              help="Where the embedded log, the local object store and the warehouse live.")
-@click.option("--backend", type=click.Choice(["embedded", "kafka"]), default="embedded")
-@click.option("--bootstrap", default="", help="Kafka bootstrap servers, host:port[,...].")
-@click.option("--s3-format", type=click.Choice(["parquet", "avro", "jsonl"]), default="parquet",
-              help="Format of the objects the S3 sink writes.")
-@click.option("--s3-root", type=click.Path(file_okay=False), default=None,
-              help="Local object store root [default: DATA_DIR/s3].")
-@click.option("--warehouse", type=click.Path(dir_okay=False), default=None,
-              help="DuckDB file [default: DATA_DIR/warehouse.duckdb].")
-@click.option("--warehouse-threads", type=click.IntRange(1), default=1,
-              help="DuckDB threads of the warehouse sink: its merges are per (batch, "
-              "partition) and leave the other cores to the processors.")
-@click.option("--warehouse-memory-limit", default="",
-              help="DuckDB memory_limit, e.g. 256MB [default: DuckDB's, 80% of RAM].")
-@click.option("--s3-prefix", default="audience/segment-changes",
-              help="Key prefix of the S3 sink's objects.")
-@click.option("--message-rows", type=click.IntRange(1, 100_000), default=5000,
-              help="Rows packed into one message on the rows topic.")
-@click.option("--chunk-rows", type=click.IntRange(1), default=100_000,
-              help="Rows per object the S3 sink writes (and per warehouse staging load).")
-@click.option("--checkpoint-interval-s", type=click.FloatRange(0.01), default=1.0,
-              help="Longest time between processor checkpoints.")
-@click.option("--kafka-option", multiple=True, metavar="KEY=VALUE",
-              help="A kafka-python client setting (repeatable), e.g. linger.ms=5.")
-@click.option("--kafka-session-timeout-ms", type=int, default=None,
-              help="Consumer group session timeout [default: Kafka's].")
-@click.option("--kafka-heartbeat-interval-ms", type=int, default=None,
-              help="Consumer group heartbeat interval [default: Kafka's].")
-@click.option("--kafka-max-poll-interval-ms", type=int, default=None,
-              help="Longest time between polls before a member is dropped [default: Kafka's].")
-@click.option("--kafka-replication-factor", type=int, default=1,
-              help="Replication factor of topics the pipeline creates.")
-@click.option("--kafka-max-request-size", type=int, default=1 << 20,
-              help="Largest message the producer sends: rows are packed under it, a row "
-              "too big on its own is dead-lettered.")
-@click.option("--fsync/--no-fsync", default=False,
-              help="fsync the embedded log on every flush (survives power loss, slower).")
-@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@_group_options
 @click.pass_context
-def cli(ctx: click.Context, verbose: int, **options: Any) -> None:
+def cli(ctx: click.Context, **options: Any) -> None:
     """Import audience files into segments, deliver them to S3 and a warehouse."""
+    sources = {name: ctx.get_parameter_source(name) for name in options}
+    ctx.obj = {"options": options, "sources": sources, "settings": None}
+
+
+def _settings(ctx: click.Context) -> Settings:
+    """The settings: group options, then those typed after the subcommand; checked once,
+    before anything is read or published."""
+    root = ctx.find_root()
+    state = root.obj
+    if state["settings"] is not None:
+        return state["settings"]
+    options = dict(state["options"])
+    late = root.meta.get("streams.late_config")
+    if late is not None:  # --config after the subcommand: fills what flags and env left
+        try:
+            config = load_config_file(late)
+        except (FileNotFoundError, ValueError) as exc:
+            raise UsageProblem(str(exc)) from None
+        _warn_unknown_config_keys(ctx, config, late)
+        for key, value in config.items():
+            if key in options and state["sources"].get(key) in (
+                    ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None):
+                options[key] = value
+    options.update(root.meta.get(_OVERRIDES, {}))
+    verbose = int(options.pop("verbose", 0) or 0)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    ctx.obj = Settings.build(options)
+    try:
+        settings = Settings.build(options)
+    except (TypeError, ValueError) as exc:
+        raise UsageProblem(str(exc)) from None
+    problems = settings.problems()
+    if problems:
+        raise UsageProblem("; ".join(problems))
+    if settings.backend == "embedded":
+        try:
+            settings.check_data_dir()
+        except ValueError as exc:
+            raise UsageProblem(str(exc)) from None
+    state["settings"] = settings
+    return settings
 
 
 def _pipeline(ctx: click.Context) -> Pipeline:
+    settings = _settings(ctx)
     try:
-        return Pipeline(_settings(ctx))
-    except (TopicError, ValueError) as exc:
+        return Pipeline(settings)
+    except ValueError as exc:
+        raise UsageProblem(str(exc)) from None
+    except TopicError as exc:
         raise click.ClickException(str(exc)) from None
+    except OSError as exc:
+        raise UsageProblem(f"--data-dir {settings.data_dir}: {exc}") from None
 
 
 def _import_options(f: Callable[..., Any]) -> Callable[..., Any]:
     for option in reversed([
-        click.argument("file", type=click.Path(dir_okay=True)),
+        click.argument("file", type=click.Path(dir_okay=True, allow_dash=True)),
         click.option("--segment", default=None, help="Segment for rows without segment_id."),
         click.option("--mode", type=click.Choice(MODES), default="add",
                      help="replace: each named segment becomes exactly the listed users."),
-        click.option("--batch-id", default=None, help="[default: from the file's checksum]"),
-        click.option("--format", "fmt", type=click.Choice(["csv", "jsonl", "parquet"]),
-                     default=None, help="[default: from the file extension]"),
+        click.option("--batch-id", default=None,
+                     help="[default: from the file's checksum and the options]"),
+        click.option("--format", "fmt", type=click.Choice(_FORMATS), default=None,
+                     help="[default: from the file extension; needed for -]"),
+        click.option("--delimiter", default=None,
+                     help="CSV field separator: one character, or tab, semicolon, pipe "
+                          "[default: ',' (tab for .tsv)]."),
         click.option("--max-rejects", default="1%",
                      help="Error budget: rejected rows allowed, a count or a percentage."),
         click.option("-q", "--quiet", is_flag=True, help="No progress lines."),
@@ -130,23 +290,40 @@ class Progress:
 
 def _run_import(pipe: Pipeline, file: str, progress: Progress, **opts: Any) -> ImportResult:
     rows_read = progress.__call__
-    importer = pipe.importer(lambda n: rows_read(f"import: {n:,} rows read"))
+    name = "standard input" if file == "-" else file
+
+    def input_bytes(size: int) -> None:
+        if size == 0:
+            rows_read(f"reading {name}: waiting for data", force=True)
+        else:
+            rows_read(f"reading {name}: {size / 1e6:,.1f} MB so far")
+
+    importer = pipe.importer(lambda n: rows_read(f"import: {n:,} rows read"), input_bytes)
     try:
         request = pipe.import_request(file, **opts)
         return importer.run(request)
-    except (InputFileError, ImportRefused, ValueError) as exc:
+    except InputFileError as exc:
         raise click.ClickException(str(exc)) from None
+    except (ImportRefused, ValueError) as exc:
+        raise UsageProblem(str(exc)) from None
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted during the import; nothing of it was published "
+                          "unless it said so: run the same command again to finish the "
+                          "batch") from None
 
 
 def _print_import(result: ImportResult) -> None:
     if result.outcome == "duplicate":
-        click.echo(f"batch {result.batch_id}: this file was already imported "
-                   f"({result.rows:,} rows); nothing changed")
+        click.echo(f"batch {result.batch_id}: this file was already imported with these "
+                   f"options ({result.rows:,} rows); nothing changed")
     elif result.outcome == "previously_failed":
         click.echo(f"batch {result.batch_id}: this file was imported before and that batch "
                    "failed; nothing changed. To import it again, give it a new --batch-id")
     elif result.outcome == "resumed":
         click.echo(f"batch {result.batch_id}: resumed an interrupted import (end markers sent)")
+    elif result.outcome == "failed":
+        click.echo(f"batch {result.batch_id}: failed before publishing: {result.rows:,} valid "
+                   f"rows, {result.rejected:,} rejected; nothing was published")
     else:
         click.echo(f"batch {result.batch_id}: {result.outcome}, {result.rows:,} rows, "
                    f"{result.rejected:,} rejected, per partition {result.partition_counts}")
@@ -154,11 +331,12 @@ def _print_import(result: ImportResult) -> None:
         click.echo(f"error: {result.error}", err=True)
 
 
-@cli.command("import")
+@command("import")
 @_import_options
 @click.pass_context
 def import_(ctx: click.Context, file: str, quiet: bool, **opts: Any) -> None:
-    """Publish FILE as a batch (producer only; workers process it)."""
+    """Publish FILE as a batch (producer only; workers process it). FILE - reads standard
+    input (give --format)."""
     pipe = _pipeline(ctx)
     try:
         result = _run_import(pipe, file, Progress(quiet), **opts)
@@ -169,13 +347,14 @@ def import_(ctx: click.Context, file: str, quiet: bool, **opts: Any) -> None:
         pipe.close()
 
 
-@cli.command()
+@command()
 @_import_options
 @click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
 @click.pass_context
 def run(ctx: click.Context, file: str, quiet: bool, timeout: float | None, **opts: Any) -> None:
     """Import FILE, process it and deliver it until the batch is closed: the import and the
-    processors run here, the sinks in a child process (both cores)."""
+    processors run here, the sinks in a child process (both cores). FILE - reads standard
+    input (give --format)."""
     progress = Progress(quiet)
     pipe = _pipeline(ctx)
     try:
@@ -183,7 +362,7 @@ def run(ctx: click.Context, file: str, quiet: bool, timeout: float | None, **opt
         status = pipe.batches()[result.batch_id]
         if result.outcome in ("duplicate", "previously_failed"):
             _print_import(result)
-        _print_summary(status, progress.started)
+        _print_summary(status, progress.started, result)
         if status.status == "failed":
             sys.exit(1)
     finally:
@@ -244,26 +423,43 @@ def _ts(ms: int | None) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
 
 
-def _print_summary(status: BatchStatus, started: float) -> None:
+def _age(ms: int | None) -> str:
+    seconds = max(0.0, time.time() - (ms or 0) / 1000)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _print_summary(status: BatchStatus, started: float, result: ImportResult) -> None:
+    published = status.published_at is not None
+    rows = (f"{status.rows:,} published, {status.rejected:,} rejected" if published
+            else f"{status.rows:,} valid, {status.rejected:,} rejected; nothing was published")
     lines = [
         f"batch       {status.batch_id}",
         f"status      {status.status}",
-        f"source      {status.source} ({status.mode})",
-        f"rows        {status.rows:,} published, {status.rejected:,} rejected",
-        f"partitions  {list(status.partition_counts)}",
-        f"changes     {status.changes:,} membership changes",
+        f"source      {status.source}",
+        f"mode        {_MODE_WORDS.get(status.mode, status.mode)}",
+        f"rows        {rows}",
     ]
+    for segment, (adds, removes) in sorted(result.segment_ops.items()):
+        lines.append(f"segment     {segment}: {adds:,} add rows, {removes:,} remove rows")
+    if published:
+        lines += [f"partitions  {list(status.partition_counts)}",
+                  f"changes     {status.changes:,} membership changes"]
     for sink, where in sorted(status.locations.items()):
         lines.append(f"output      {sink}: {where}")
     if status.closed_at:
         lines.append(f"closed at   {_ts(status.closed_at)}")
     if status.error:
         lines.append(f"error       {status.failed_step}: {status.error}")
+    if status.rejected:
+        lines.append(f"rejected    see: streams dead-letters {status.batch_id}")
     lines.append(f"took        {time.monotonic() - started:.2f}s")
     click.echo("\n".join(lines))
 
 
-@cli.command()
+@command()
 @click.option("--roles", default=",".join(ROLES),
               help=f"Comma-separated roles to run: {', '.join(ROLES)}.")
 @click.option("--member", default="", help="Member id in the consumer groups.")
@@ -271,24 +467,43 @@ def _print_summary(status: BatchStatus, started: float) -> None:
 @click.pass_context
 def worker(ctx: click.Context, roles: str, member: str, quiet: bool) -> None:
     """Run processors and sinks until SIGTERM/SIGINT (a clean stop)."""
+    chosen = tuple(r.strip() for r in roles.split(",") if r.strip())
+    try:
+        check_roles(chosen)
+    except ValueError as exc:
+        raise UsageProblem(str(exc)) from None
     pipe = _pipeline(ctx)
     try:
-        chosen = tuple(r.strip() for r in roles.split(",") if r.strip())
         try:
             w = pipe.worker(chosen, member)
+            w.install_signal_handlers()
+            if not quiet:
+                click.echo(f"worker running {', '.join(chosen)} on {pipe.log.url}", err=True)
+            w.run()
         except ValueError as exc:
+            raise UsageProblem(str(exc)) from None
+        except WarehouseBusy as exc:
             raise click.ClickException(str(exc)) from None
-        w.install_signal_handlers()
-        if not quiet:
-            click.echo(f"worker running {', '.join(chosen)} on {pipe.log.url}", err=True)
-        w.run()
+        except RuntimeError as exc:  # the log refuses a member id that is in use
+            if "already running" not in str(exc):
+                raise
+            raise UsageProblem(f"--member {member}: {exc}; expected a member id that no "
+                               "running worker uses") from None
         if not quiet:
             click.echo("worker stopped cleanly", err=True)
     finally:
         pipe.close()
 
 
-@cli.command()
+def _shown_status(s: BatchStatus, spool_dir: Any) -> tuple[str, str]:
+    """(status, note): a submitted batch whose import process is gone is interrupted."""
+    if s.status == SUBMITTED and not import_in_progress(spool_dir, s.batch_id):
+        return "interrupted", (f"import stopped, submitted {_age(s.submitted_at)} ago: run "
+                               "the same command again to finish it")
+    return s.status, s.error
+
+
+@command()
 @click.argument("batch", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_context
@@ -301,21 +516,30 @@ def status(ctx: click.Context, batch: str | None, as_json: bool) -> None:
         pipe.close()
     chosen = [batches[batch]] if batch in batches else [] if batch else list(batches.values())
     if batch and not chosen:
-        raise click.ClickException(f"no batch {batch}; known: {', '.join(sorted(batches))}")
+        raise UsageProblem(f"no batch {batch}; known: {', '.join(sorted(batches)) or 'none'}")
     chosen.sort(key=lambda s: s.submitted_at or 0)
+    spool_dir = _settings(ctx).spool_dir
     if as_json:
-        click.echo(json.dumps([json.loads(s.to_json()) for s in chosen], indent=2))
+        out = []
+        for s in chosen:
+            raw = json.loads(s.to_json())
+            raw["interrupted"] = _shown_status(s, spool_dir)[0] == "interrupted"
+            out.append(raw)
+        click.echo(json.dumps(out, indent=2))
         return
-    header = f"{'BATCH':26} {'STATUS':10} {'ROWS':>10} {'REJECTED':>9} {'CHANGES':>10}  " \
+    header = f"{'BATCH':26} {'STATUS':11} {'ROWS':>10} {'REJECTED':>9} {'CHANGES':>10}  " \
              f"{'SUBMITTED':24} {'CLOSED':24} ERROR"
     click.echo(header)
     for s in chosen:
-        click.echo(f"{s.batch_id:26} {s.status:10} {s.rows:>10,} {s.rejected:>9,} "
+        shown, note = _shown_status(s, spool_dir)
+        click.echo(f"{s.batch_id:26} {shown:11} {s.rows:>10,} {s.rejected:>9,} "
                    f"{s.changes:>10,}  {_ts(s.submitted_at):24} {_ts(s.closed_at):24} "
-                   f"{s.error}")
+                   f"{note}")
+    if batch and chosen[0].rejected:
+        click.echo(f"{chosen[0].rejected:,} rejected rows: see streams dead-letters {batch}")
 
 
-@cli.command()
+@command()
 @click.pass_context
 def topics(ctx: click.Context) -> None:
     """List topics, partitions, positions, and consumer groups with their lag."""
@@ -342,7 +566,7 @@ def _pos(position: int | None) -> str:
     return "-" if position is None else str(position)
 
 
-@cli.command()
+@command()
 @click.option("--from", "start", default="earliest",
               help="earliest, position:N, or batch:ID (its first record on each partition).")
 @click.option("-q", "--quiet", is_flag=True)
@@ -362,7 +586,7 @@ def replay(ctx: click.Context, start: str, quiet: bool) -> None:
         pipe.close()
 
 
-@cli.command("verify")
+@command("verify")
 @click.option("--batch", "batch_id", default=None,
               help="Only the segments this batch names.")
 @click.option("--limit", type=int, default=50, help="Differences shown at most.")
@@ -374,7 +598,7 @@ def verify_(ctx: click.Context, batch_id: str | None, limit: int) -> None:
         try:
             report = pipe.verify(batch_id)
         except ValueError as exc:
-            raise click.ClickException(str(exc)) from None
+            raise UsageProblem(str(exc)) from None
     finally:
         pipe.close()
     for problem in report.problems:
@@ -393,19 +617,26 @@ def verify_(ctx: click.Context, batch_id: str | None, limit: int) -> None:
     sys.exit(1)
 
 
-@cli.command("dead-letters")
+@command("dead-letters")
 @click.argument("batch", required=False)
 @click.option("--limit", type=int, default=50)
 @click.pass_context
 def dead_letters(ctx: click.Context, batch: str | None, limit: int) -> None:
-    """Show rejected rows (file, row, reason) from the dead-letter topic."""
+    """Show rejected rows (file, record number, reason with the line, raw row)."""
     pipe = _pipeline(ctx)
     try:
+        if batch is not None:
+            batches = pipe.batches()
+            if batch not in batches:
+                raise UsageProblem(
+                    f"no batch {batch}; known: {', '.join(sorted(batches)) or 'none'}")
         for shown, row in enumerate(pipe.dead_letters(batch)):
             if shown >= limit:
                 click.echo("... (more; raise --limit)")
                 break
-            click.echo(f"{row['batch_id']} {row['file']}:{row['row']}: {row['reason']}")
+            raw = row["raw"] if len(row["raw"]) <= 120 else row["raw"][:120] + "..."
+            click.echo(f"{row['batch_id']} {row['file']}:{row['row']}: {row['reason']}"
+                       + (f" | raw: {raw}" if raw else ""))
     finally:
         pipe.close()
 

@@ -24,6 +24,7 @@ from streams.sink_task import SinkTask
 from streams.state.snapshots import SnapshotStore
 from streams.state.table_reader import read_table
 from streams.verify import Report, verify
+from streams.warehouse_wait import open_waiting
 from streams.worker import Task, Worker
 from topics.backends import open_log
 from topics.codec import decode
@@ -56,6 +57,17 @@ def group_names(roles: tuple[str, ...]) -> list[str]:
     return groups
 
 
+def check_roles(roles: tuple[str, ...]) -> None:
+    """Raises ValueError naming --roles unless they are known, given once each, and some."""
+    unknown = [r for r in roles if r not in ROLES]
+    twice = sorted({r for r in roles if roles.count(r) > 1})
+    if not roles or unknown or twice:
+        what = (f"unknown role(s) {', '.join(map(repr, unknown))}" if unknown
+                else f"{', '.join(twice)} given more than once" if twice else "no role")
+        raise ValueError(f"--roles {','.join(roles)!r}: {what}; expected one or more of "
+                         f"{', '.join(ROLES)}, each once, comma-separated")
+
+
 class Pipeline:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -75,13 +87,16 @@ class Pipeline:
 
     @property
     def warehouse(self) -> DuckDBWarehouse:
-        from connectors.warehouse import DuckDBWarehouse
+        from connectors.warehouse import DuckDBWarehouse, is_transient
 
         if self._warehouse is None:
-            self.settings.warehouse_path.parent.mkdir(parents=True, exist_ok=True)
-            self._warehouse = DuckDBWarehouse(
-                self.settings.warehouse_path, threads=self.settings.warehouse_threads,
-                memory_limit=self.settings.warehouse_memory_limit)
+            s = self.settings
+            s.warehouse_path.parent.mkdir(parents=True, exist_ok=True)
+            self._warehouse = open_waiting(
+                lambda: DuckDBWarehouse(s.warehouse_path, threads=s.warehouse_threads,
+                                        memory_limit=s.warehouse_memory_limit),
+                s.warehouse_path, s.warehouse_lock_timeout_s,
+                is_lock=lambda exc: exc.__cause__ is not None and is_transient(exc.__cause__))
         return self._warehouse
 
     def import_request(self, path: str, **options: Any) -> ImportRequest:
@@ -90,10 +105,15 @@ class Pipeline:
                                                      or self.settings.max_rejects),
             message_rows=self.settings.message_rows, sinks=SINKS, **options)
 
-    def importer(self, progress: Any = None) -> Importer:
-        return Importer(self.log, self.settings.spool_dir, progress)
+    def importer(self, progress: Any = None, on_input_bytes: Any = None) -> Importer:
+        return Importer(self.log, self.settings.spool_dir, progress, on_input_bytes)
 
     def worker(self, roles: tuple[str, ...] = ROLES, member: str = "") -> Worker:
+        check_roles(roles)
+        if "warehouse" in roles:
+            # Before any task joins a group: a process waiting for the warehouse's lock
+            # must not hold partitions (of the s3 sink) that it does not process.
+            _ = self.warehouse
         member = member or f"{socket.gethostname()}-{os.getpid()}"
         out = OutputWriter(self.log, self.log.producer())
         s = self.settings

@@ -5,7 +5,10 @@ config-file loading and the derived paths."""
 
 from __future__ import annotations
 
+import difflib
 import os
+import re
+import tempfile
 import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -14,6 +17,8 @@ from typing import Any
 ENV_PREFIX = "STREAMS"
 CONFIG_ENV = "STREAMS_CONFIG"
 DEFAULT_CONFIG = "streams.toml"
+# DuckDB's memory_limit: a number and a unit (1000^i or 1024^i), or a share of the RAM.
+_MEMORY = re.compile(r"^\s*\d+(\.\d+)?\s*(%|b|bytes|[kmgt]i?b)\s*$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,48 @@ class Settings:
     kafka_max_poll_interval_ms: int | None = None
     kafka_replication_factor: int = 1
     kafka_max_request_size: int = 1 << 20
+    # How long a process waits for the warehouse while another process holds DuckDB's
+    # one-writer lock (two runs side by side, a run beside a worker of the warehouse role).
+    warehouse_lock_timeout_s: float = 600.0
+
+    def problems(self) -> list[str]:
+        """What is wrong with these settings, each naming the setting and what was
+        expected; checked before anything is published."""
+        found = []
+        if self.warehouse_memory_limit and not _MEMORY.match(self.warehouse_memory_limit):
+            found.append(f"--warehouse-memory-limit {self.warehouse_memory_limit!r}: expected "
+                         "a size such as 256MB, 1.5GB, 2GiB, or a share of the RAM such as 50%")
+        if self.backend == "kafka" and not self.bootstrap.strip():
+            found.append("--backend kafka needs --bootstrap HOST:PORT[,...]")
+        for item in self.kafka_option:
+            try:
+                _key_value(item)
+            except ValueError as exc:
+                found.append(str(exc))
+        if self.warehouse_lock_timeout_s < 0:
+            found.append(f"--warehouse-lock-timeout-s {self.warehouse_lock_timeout_s}: "
+                         "expected 0 or more seconds")
+        return found
+
+    def check_data_dir(self) -> None:
+        """Raises ValueError naming --data-dir unless it is (or can be made) a directory
+        this process can write to."""
+        where = self.data_dir
+        try:
+            where.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=where, prefix=".probe-"):
+                pass
+            for sub in ("log", "spool"):
+                inner = where / sub
+                if inner.exists() and not os.access(inner, os.W_OK | os.X_OK):
+                    raise PermissionError(13, "Permission denied", str(inner))
+        except FileExistsError:
+            raise ValueError(f"--data-dir {where}: is a file; expected a directory") from None
+        except OSError as exc:
+            owner = _owner(where)
+            raise ValueError(
+                f"--data-dir {where}: cannot write there ({exc.strerror}{owner}); expected a "
+                "directory this user can write to") from None
 
     @property
     def log_url(self) -> str:
@@ -112,6 +159,31 @@ class Settings:
                 value = tuple(value)
             kwargs[name] = value
         return cls(**kwargs)
+
+
+def _owner(path: Path) -> str:
+    try:
+        uid = path.stat().st_uid
+    except OSError:
+        return ""
+    if uid == os.geteuid():
+        return ""
+    try:
+        import pwd
+
+        return f"; it belongs to {pwd.getpwuid(uid).pw_name}"
+    except (ImportError, KeyError):
+        return f"; it belongs to user id {uid}"
+
+
+def unknown_keys(config: dict[str, Any], known: set[str]) -> list[str]:
+    """A warning for each config key that is no setting, naming the nearest one."""
+    out = []
+    for key in sorted(set(config) - known):
+        near = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        out.append(f"unknown key {key!r}{hint}; it is ignored")
+    return out
 
 
 def _key_value(item: str) -> tuple[str, str]:

@@ -22,6 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from connectors.importer import derived_batch_id
 from connectors.object_formats import decode_changes
 from tests.support import expected_members, random_rows, run_cli, warehouse_members, write_csv
 from topics.partitioner import partition_for
@@ -234,7 +235,10 @@ def test_status_json_and_table(tmp_path: Path) -> None:
     run_cli("run", str(path), "-q", data_dir=data)
     (s,) = statuses(data)
     checksum = hashlib.sha256(path.read_bytes()).hexdigest()
-    assert s["batch_id"] == f"b-{checksum[:20]}" and s["checksum"] == checksum
+    # The batch id is the request's identity: the content's checksum and the options.
+    request = {"format": "csv", "delimiter": ",", "mode": "add", "segment": ""}
+    assert s["batch_id"] == derived_batch_id(checksum, request) and s["checksum"] == checksum
+    assert s["request"] == request and s["interrupted"] is False
     assert s["status"] == "closed" and s["error"] == ""
     assert (s["rows"], s["rejected"]) == (3_000, 2)
     assert len(s["partition_counts"]) == s["partitions"] == PARTITIONS
@@ -450,8 +454,10 @@ def test_bad_rows_over_the_budget_fail_the_batch(tmp_path: Path) -> None:
     assert not batch_dir(data, s["batch_id"]).exists()
     dead = run_cli("dead-letters", data_dir=data).stdout.splitlines()
     assert len(dead) == 30
+    lines_of_bad = dict(enumerate(path.read_text(encoding="utf-8").splitlines()))
     for line, (row, reason) in zip(dead, sorted(bad.items()), strict=True):
-        assert line == f"{s['batch_id']} {path}:{row}: {reason}"
+        raw = lines_of_bad[row]
+        assert line == f"{s['batch_id']} {path}:{row}: {reason} (line {row + 1}) | raw: {raw}"
     only = run_cli("dead-letters", s["batch_id"], "--limit", "5", data_dir=data).stdout
     assert len(only.splitlines()) == 6 and "more; raise --limit" in only
 

@@ -355,3 +355,26 @@ def test_status_replace_is_not_mutated_by_fold() -> None:
     kept = replace(s)
     fold_all(lifecycle(2, SINKS)[1:], s)
     assert s == kept and s.applied == {} and s.committed == {}
+
+
+def test_closed_at_is_when_the_last_sink_committed_not_its_input_time() -> None:
+    """Regression: a sink stamps sink_committed with its input's (the end marker's) time,
+    so closed_at came seconds before the last load finished. The event's own log time
+    (after the commit) closes the batch."""
+    store = PartitionStore(PipelineState.tables)
+    processor = PipelineState()
+    events = [submitted(100), published(200, [5]), applied(300, 0),
+              committed(300, "s3", 0), committed(300, "warehouse", 0)]
+    logged = [100, 200, 300, 4_000, 9_000]  # the loads took seconds after the end marker
+    for position, (event, at) in enumerate(zip(events, logged, strict=True)):
+        processor.process(store.views, Input("BatchEvent", event, 0, position, at))
+    status = store.views["batches"].get("b1")
+    assert status.status == "closed" and status.closed_at == 9_000
+
+
+def test_submission_keeps_its_request() -> None:
+    request = {"format": "csv", "delimiter": ",", "mode": "add", "segment": "vip"}
+    status = fold(None, {**submitted(), "step": json.dumps(request)})
+    assert status is not None and status.request == request
+    assert BatchStatus.from_json(status.to_json()) == status
+    assert fold(None, submitted()).request == {}  # older submissions carried none

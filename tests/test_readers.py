@@ -117,12 +117,13 @@ def test_directory(tmp_path: Path) -> None:
 
 
 def test_unknown_extension(tmp_path: Path) -> None:
-    path = put(tmp_path, "x.tsv", "user_id\tsegment_id\nu1\ts\n")
+    path = put(tmp_path, "x.txt", "user_id\tsegment_id\nu1\ts\n")
     with pytest.raises(
-        InputFileError, match=r"x\.tsv: unknown format \(extension '\.tsv'\)"
+        InputFileError, match=r"x\.txt: unknown format \(extension '\.txt'\)"
     ) as exc:
         read(path)
     assert ".csv" in str(exc.value) and ".jsonl" in str(exc.value) and ".parquet" in str(exc.value)
+    assert ".tsv" in str(exc.value) and ".gz" in str(exc.value)
     # An explicit format overrides the extension.
     put(tmp_path, "y.txt", "user_id\nu1\n")
     assert read(tmp_path / "y.txt", fmt="csv").users == ["u1"]
@@ -137,8 +138,11 @@ def test_detect_format() -> None:
         detect_format("x.csv", "xml")
     with pytest.raises(InputFileError, match="no extension"):
         detect_format("data/file")
-    with pytest.raises(InputFileError, match=r"'\.gz'"):
-        detect_format("x.csv.gz")
+    # The format comes from the name under the compression suffix.
+    assert [detect_format(f"x.{e}") for e in ("csv.gz", "tsv.bz2", "jsonl.zst")] == [
+        "csv", "tsv", "jsonl"]
+    with pytest.raises(InputFileError, match=r"x\.gz: unknown format \(no extension\)"):
+        detect_format("x.gz")
 
 
 def test_utf16_file(tmp_path: Path) -> None:
@@ -188,7 +192,7 @@ def test_blank_user_id(tmp_path: Path) -> None:
     assert result.rows == [(1, "u1", "s", "add"), (4, "u4", "s", "add")]
     assert result.reject_rows == [2, 3]
     assert all("user_id is missing or blank" in r.reason for r in result.rejects)
-    assert result.rejects[0] == RejectedRow(str(path), 2, "user_id is missing or blank", "  ,s")
+    assert result.rejects[0] == RejectedRow(str(path), 2, "user_id is missing or blank", "  ,s", 3)
 
 
 def test_missing_segment(tmp_path: Path) -> None:
@@ -525,3 +529,233 @@ def test_csv_and_jsonl_read_back_what_was_written(
         result = read(path, segment=None, chunk_rows=chunk_rows)
         assert result.rows == expected
         assert result.rejects == []
+
+
+# ------------------------------------------------- quotes: nothing vanishes uncounted
+
+
+def test_unclosed_quote_is_a_whole_file_error_naming_its_line(tmp_path: Path) -> None:
+    good = "".join(f"u{i},s,fine\n" for i in range(3, 3_000))
+    path = put(tmp_path, "x.csv", 'user_id,segment_id,note\nu1,s,ok\nu2,s,"never closed\n' + good)
+    with pytest.raises(InputFileError, match=r"x\.csv: line 3: a quoted field opened here is "
+                       r"never closed") as exc:
+        read(path)
+    assert "nothing was imported" in str(exc.value)
+
+
+def test_unclosed_quote_after_a_multiline_field_names_the_quote_line(tmp_path: Path) -> None:
+    path = put(tmp_path, "x.csv", 'user_id,segment_id,note\nu1,"s\nt","open\nu2,s,x\n')
+    with pytest.raises(InputFileError, match="line 3: a quoted field opened here is never"):
+        read(path)
+
+
+def test_quote_running_across_lines_into_a_mistake_is_a_whole_file_error(
+    tmp_path: Path,
+) -> None:
+    # The quote of row 2 swallows row 3 and stops at the quote of row 4: without the
+    # whole-file error, two good rows would become one malformed record.
+    content = 'user_id,segment_id,note\nu1,s,ok\nu2,s,"oops\nu3,s,fine\nu4,s,"x"y\nu5,s,z\n'
+    with pytest.raises(InputFileError, match=r"line 3: a quoted field in the record starting "
+                       r"here runs across lines to line 5"):
+        read(put(tmp_path, "x.csv", content))
+
+
+def test_quote_mistake_within_one_line_is_a_bad_row_with_its_line(tmp_path: Path) -> None:
+    content = 'user_id,segment_id,note\nu1,s,"two\nlines"\nu2,s,"x"y\nu3,s,ok\n'
+    result = read(put(tmp_path, "x.csv", content))
+    assert result.users == ["u1", "u3"]
+    reject = only_reject(result)
+    assert (reject.row, reject.line) == (2, 4)
+    assert "malformed CSV record" in reject.reason
+
+
+def test_rejects_name_the_line_their_record_starts_on(tmp_path: Path) -> None:
+    content = 'user_id,segment_id,note\n\nu1,s,"a\r\nb"\n,s,x\n\nu3,s,"c\rd"\n,s,"e\nf"\n'
+    for chunk_rows in (1, 2, 50):
+        result = read(put(tmp_path, "x.csv", content), chunk_rows=chunk_rows)
+        assert [(r.row, r.line) for r in result.rejects] == [(2, 5), (4, 9)], chunk_rows
+
+
+def strict_csv(text: str) -> tuple[list[tuple[int, list[str] | None]], bool]:
+    """An independent strict CSV parser (RFC 4180, no CR), written for this test:
+    records as (first line, fields, or None for a malformed record) and whether the file
+    must be refused. A quote opens a quoted field only as a field's first character; inside
+    one, "" is a quote; a closing quote must be followed by a comma, a line break or the
+    end. A record breaking that rule ends with its physical line; if it spans lines, or
+    the text ends inside quotes, the file is refused."""
+    records: list[tuple[int, list[str] | None]] = []
+    i, n, line = 0, len(text), 1
+    while i < n:
+        start, fields, field, state, spans = line, [], "", "start", False
+        while True:
+            ch = text[i] if i < n else ""
+            i += 1
+            if state == "quoted":
+                if ch == "":
+                    return records, True
+                if ch == '"' and text[i : i + 1] == '"':
+                    field, i = field + '"', i + 1
+                elif ch == '"':
+                    state = "closed"
+                else:
+                    field += ch
+                    if ch == "\n":
+                        line, spans = line + 1, True
+                continue
+            if ch in (",", "\n", ""):
+                fields.append(field)
+                field, state = "", "start"
+                if ch == ",":
+                    continue
+                line += ch == "\n"
+                records.append((start, fields))
+                break
+            if state == "closed":  # a character right after a closing quote
+                if spans:
+                    return records, True
+                end = text.find("\n", i)
+                i = n if end < 0 else end + 1
+                line += end >= 0
+                records.append((start, None))
+                break
+            if ch == '"' and state == "start":
+                state = "quoted"
+            else:
+                field, state = field + ch, "plain"
+    return records, False
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(body=st.text(alphabet='ab ,"\n', max_size=80), chunk_rows=st.integers(1, 5))
+def test_random_quotes_are_refused_or_every_record_is_counted(
+    tmp_path: Path, body: str, chunk_rows: int
+) -> None:
+    text = "user_id,segment_id,note\n" + body
+    records, refused = strict_csv(text)
+    path = put(tmp_path, "q.csv", text)
+    if refused:
+        with pytest.raises(InputFileError, match="quoted field"):
+            read(path, chunk_rows=chunk_rows)
+        return
+    result = read(path, chunk_rows=chunk_rows)
+    data = [(start, fields) for start, fields in records[1:]
+            if fields is None or not (len(fields) == 1 and not fields[0].strip())]
+    # Applied + rejected = the records the strict parser finds, numbered 1..n, none twice.
+    numbers = sorted([seq for seq, *_ in result.rows] + result.reject_rows)
+    assert numbers == list(range(1, len(data) + 1))
+    for seq, user, _segment, _op in result.rows:
+        fields = data[seq - 1][1]
+        assert fields is not None and len(fields) == 3 and fields[0].strip() == user
+    for reject in result.rejects:
+        assert reject.line == data[reject.row - 1][0]
+
+
+# ----------------------------------------------------------- compressed, TSV, delimiters
+
+_CSV = "user_id,segment_id,op\nu1,s,add\nu2,t,remove\n,s,add\n"
+_WANT = [(1, "u1", "s", "add"), (2, "u2", "t", "remove")]
+
+
+def _compressed(kind: str, data: bytes) -> bytes:
+    import bz2
+    import gzip
+
+    if kind == "gz":
+        return gzip.compress(data)
+    if kind == "bz2":
+        return bz2.compress(data)
+    return pa.Codec("zstd").compress(data, asbytes=True)
+
+
+@pytest.mark.parametrize("kind", ["gz", "bz2", "zst"])
+def test_compressed_csv_and_jsonl_are_streamed(tmp_path: Path, kind: str) -> None:
+    csv_path = put(tmp_path, f"x.csv.{kind}", _compressed(kind, _CSV.encode()))
+    result = read(csv_path, chunk_rows=1)
+    assert result.rows == _WANT and result.reject_rows == [3]
+    lines = '{"user_id": "u1", "segment_id": "s"}\n{"user_id": "u2", "segment_id": "t"}\n'
+    jsonl_path = put(tmp_path, f"x.jsonl.{kind}", _compressed(kind, lines.encode()))
+    assert read(jsonl_path).users == ["u1", "u2"]
+
+
+def test_gzip_named_csv_is_recognised_by_its_magic_bytes(tmp_path: Path) -> None:
+    path = put(tmp_path, "export.csv", _compressed("gz", _CSV.encode()))
+    assert read(path).rows == _WANT
+
+
+def test_truncated_gzip_is_a_whole_file_error(tmp_path: Path) -> None:
+    data = _compressed("gz", ("user_id\n" + "".join(f"u{i}\n" for i in range(50_000))).encode())
+    path = put(tmp_path, "x.csv.gz", data[: len(data) // 2])
+    with pytest.raises(InputFileError, match=r"x\.csv\.gz: damaged gzip data after row"):
+        read(path, chunk_rows=1000)
+
+
+def test_compressed_parquet_is_refused(tmp_path: Path) -> None:
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"user_id": ["u1"]}), buf)
+    path = put(tmp_path, "x.parquet.gz", _compressed("gz", buf.getvalue()))
+    with pytest.raises(InputFileError, match="gzip-compressed Parquet"):
+        read(path)
+
+
+def test_tsv_by_extension_and_format(tmp_path: Path) -> None:
+    content = "user_id\tsegment_id\tnote\nu1\ts\ta, b\nu2\tt\t\"q\"\n"
+    want = [(1, "u1", "s", "add"), (2, "u2", "t", "add")]
+    result = read(put(tmp_path, "x.tsv", content))
+    assert result.rows == want and result.attrs == [{"note": "a, b"}, {"note": "q"}]
+    assert read(put(tmp_path, "x.txt", content), fmt="tsv").rows == want
+
+
+@pytest.mark.parametrize("sep", [";", "|", "tab"])
+def test_delimiter_option(tmp_path: Path, sep: str) -> None:
+    char = "\t" if sep == "tab" else sep
+    path = put(tmp_path, "x.csv", f"user_id{char}segment_id\nu1{char}s\n{char}s\n")
+    result = read_chunks(str(path), segment=None, mode="add", delimiter=sep)
+    chunks = list(result)
+    assert [u for c in chunks for u in c.user_ids] == ["u1"]
+    assert [r.raw for c in chunks for r in c.rejects] == [f"{char}s"]
+
+
+def test_delimiter_is_refused_for_jsonl_and_checked(tmp_path: Path) -> None:
+    path = put(tmp_path, "x.jsonl", '{"user_id": "u1"}\n')
+    with pytest.raises(ValueError, match="--delimiter applies to CSV and TSV files"):
+        read_chunks(str(path), segment="s", mode="add", delimiter=";")
+    with pytest.raises(ValueError, match="--delimiter 'ab': expected one character"):
+        read_chunks(str(put(tmp_path, "y.csv", "user_id\nu\n")), segment="s", mode="add",
+                    delimiter="ab")
+
+
+@pytest.mark.parametrize(("sep", "named"), [(";", "--delimiter ';'"), ("\t", "--delimiter tab"),
+                                            ("|", "--delimiter '|'")])
+def test_one_column_header_suggests_the_delimiter(tmp_path: Path, sep: str, named: str) -> None:
+    path = put(tmp_path, "x.csv", f"user_id{sep}segment_id\nu1{sep}s\n")
+    with pytest.raises(InputFileError, match="no user_id column") as exc:
+        read(path)
+    assert f"the header looks separated by {named.split()[1]}" in str(exc.value)
+    assert named in str(exc.value)
+
+
+def test_name_replaces_the_path_in_errors_and_dead_letters(tmp_path: Path) -> None:
+    path = put(tmp_path, "spooled.part", "user_id,segment_id\nu1,s\n,s\n")
+    chunks = list(read_chunks(str(path), segment=None, mode="add", fmt="csv", name="<stdin>"))
+    assert [r.file for c in chunks for r in c.rejects] == ["<stdin>"]
+    bad = put(tmp_path, "bad.part", "id\nu1\n")
+    with pytest.raises(InputFileError, match=r"^<stdin>: no user_id column"):
+        read_chunks(str(bad), segment="s", mode="add", fmt="csv", name="<stdin>")
+
+
+def test_corrupt_parquet_page_is_a_whole_file_error(tmp_path: Path) -> None:
+    """Regression: a damaged snappy page raised OSError, which escaped as a traceback."""
+    users = [f"user-{i:06d}-{i * 7919 % 1000003}" for i in range(20_000)]
+    path = tmp_path / "x.parquet"
+    pq.write_table(pa.table({"user_id": users}), path, compression="snappy",
+                   row_group_size=5_000, use_dictionary=False)
+    data = bytearray(path.read_bytes())
+    meta = pq.ParquetFile(path).metadata
+    column = meta.row_group(2).column(0)
+    start = column.data_page_offset + 40  # inside the page body, past its header
+    data[start : start + 200] = bytes(200)
+    path.write_bytes(bytes(data))
+    with pytest.raises(InputFileError, match=r"x\.parquet: corrupt Parquet data after row"):
+        read(path, chunk_rows=5_000)
