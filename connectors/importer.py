@@ -37,12 +37,13 @@ from typing import Any
 
 from connectors.error_budget import ErrorBudget
 from connectors.readers import file_checksum, read_chunks, resolve_format
-from connectors.rows import MODES, InputFileError, RejectedRow, RowChunk
+from connectors.rows import MODES, InputFileError, RowChunk
 from connectors.spool import Spool, spool_path, spool_stream
 from processors.events import batch_event
 from processors.pipeline_state import FAILED, PUBLISHED, SUBMITTED, BatchStatus, PipelineState
 from streams.faults import crash_point
 from streams.outputs import OutputWriter
+from streams.state.snapshots import SnapshotStore
 from streams.state.table_reader import read_table
 from topics.codec import encode
 from topics.columns import write_columns
@@ -129,9 +130,11 @@ def now_ms() -> int:
 class Importer:
     def __init__(self, log: Log, spool_dir: Path,
                  progress: Callable[[int], None] | None = None,
-                 on_input_bytes: Callable[[int], None] | None = None):
+                 on_input_bytes: Callable[[int], None] | None = None,
+                 snapshots: SnapshotStore | None = None):
         self.log = log
         self.spool_dir = spool_dir
+        self.snapshots = snapshots  # of the batch table (its changelog may have expired)
         self.progress = progress or (lambda rows: None)
         # Bytes copied so far from a pipe; called with 0 before the first byte arrives.
         self.on_input_bytes = on_input_bytes or (lambda size: None)
@@ -170,7 +173,8 @@ class Importer:
             raise InputFileError(f"{STDIN_NAME}: no data rows; standard input closed before "
                                  "any data (expected a header line and rows)")
         batch_id = req.batch_id or derived_batch_id(checksum, identity)
-        status: BatchStatus | None = read_table(self.log, PipelineState(), "batches").get(batch_id)
+        status: BatchStatus | None = read_table(self.log, PipelineState(), "batches",
+                                                    self.snapshots).get(batch_id)
         if status is not None and status.checksum != checksum:
             raise ImportRefused(
                 f"batch id {batch_id} already names another file ({status.source}, sha256 "
@@ -219,12 +223,10 @@ class Importer:
         # and its process lives, the import is in progress (else `status` says interrupted).
         with Spool(spool_path(self.spool_dir, batch_id)) as spool:
             if submit:
-                # BatchEvent has no field for the request yet (topics/ is being reworked):
-                # `step`, unused by submitted events, carries it as JSON.
                 self.out.send(batch_event(batch_id, "submitted", now_ms(), source=name,
                                           checksum=checksum, mode=req.mode,
                                           sinks=list(req.sinks),
-                                          step=json.dumps(identity, sort_keys=True)))
+                                          request=json.dumps(identity, sort_keys=True)))
                 self.out.flush()
             try:
                 for chunk in chain(head, chunks):
@@ -328,7 +330,7 @@ class Importer:
         for bad in chunk.rejects:
             self.out.producer.send(DEAD_LETTER, 0, encode("DeadLetter", {
                 "batch_id": batch_id, "file": bad.file, "row": bad.row,
-                "reason": _reason(bad), "raw": bad.raw[:RAW_LIMIT]}))
+                "reason": bad.reason, "raw": bad.raw[:RAW_LIMIT], "line": bad.line}))
         return len(chunk.rejects)
 
     def _end_markers(self, batch_id: str, mode: str, counts: list[int], rows: int,
@@ -349,11 +351,6 @@ def _picker(index: list[int]) -> Callable[[list[Any]], list[Any]]:
         return lambda values: [values[index[0]]]
     get = itemgetter(*index)
     return lambda values: list(get(values))
-
-
-def _reason(bad: RejectedRow) -> str:
-    # DeadLetter has no line field yet (topics/ is being reworked): the reason says it.
-    return f"{bad.reason} (line {bad.line})" if bad.line else bad.reason
 
 
 def _name(path: str) -> str:

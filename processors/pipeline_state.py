@@ -119,9 +119,8 @@ def fold(status: BatchStatus | None, event: dict[str, Any]) -> BatchStatus | Non
 
 
 def _request(event: dict[str, Any]) -> dict[str, str]:
-    # A submitted event carries the request as JSON in `step` (BatchEvent has no field of
-    # its own for it yet).
-    text = event.get("step") or ""
+    # A submitted event carries the request's identity as JSON.
+    text = event.get("request") or ""
     try:
         request = json.loads(text) if text.startswith("{") else {}
     except ValueError:

@@ -635,7 +635,8 @@ def dead_letters(ctx: click.Context, batch: str | None, limit: int) -> None:
                 click.echo("... (more; raise --limit)")
                 break
             raw = row["raw"] if len(row["raw"]) <= 120 else row["raw"][:120] + "..."
-            click.echo(f"{row['batch_id']} {row['file']}:{row['row']}: {row['reason']}"
+            line = f" (line {row['line']})" if row["line"] else ""
+            click.echo(f"{row['batch_id']} {row['file']}:{row['row']}: {row['reason']}{line}"
                        + (f" | raw: {raw}" if raw else ""))
     finally:
         pipe.close()

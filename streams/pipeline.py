@@ -106,7 +106,8 @@ class Pipeline:
             message_rows=self.settings.message_rows, sinks=SINKS, **options)
 
     def importer(self, progress: Any = None, on_input_bytes: Any = None) -> Importer:
-        return Importer(self.log, self.settings.spool_dir, progress, on_input_bytes)
+        return Importer(self.log, self.settings.spool_dir, progress, on_input_bytes,
+                        self.snapshots)
 
     def worker(self, roles: tuple[str, ...] = ROLES, member: str = "") -> Worker:
         check_roles(roles)

@@ -374,7 +374,7 @@ def test_closed_at_is_when_the_last_sink_committed_not_its_input_time() -> None:
 
 def test_submission_keeps_its_request() -> None:
     request = {"format": "csv", "delimiter": ",", "mode": "add", "segment": "vip"}
-    status = fold(None, {**submitted(), "step": json.dumps(request)})
+    status = fold(None, {**submitted(), "request": json.dumps(request)})
     assert status is not None and status.request == request
     assert BatchStatus.from_json(status.to_json()) == status
     assert fold(None, submitted()).request == {}  # older submissions carried none
