@@ -5,7 +5,10 @@ the three formats, as the manifest says), and its rows are applied in log order:
 (partition, source_position, part, row). That order crosses batches, which may interleave
 on a partition; it is the order the segments processor folded them in, so the result
 equals its members tables and the warehouse's `segment_members` (DuckDBWarehouse.members).
-Objects no manifest lists (a partition not closed yet) are left out, as a COPY would.
+Objects no manifest lists (a partition not closed yet) are left out, as a COPY would. So
+compare with the warehouse when no batch is open: an end marker merges the changes of the
+partition's other open batches up to it too, whose objects are listed once their batch
+closes there.
 """
 
 from __future__ import annotations

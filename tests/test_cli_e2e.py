@@ -24,6 +24,8 @@ import pytest
 
 from connectors.importer import derived_batch_id
 from connectors.object_formats import decode_changes
+from connectors.object_store import LocalObjectStore
+from connectors.s3_fold import fold_objects
 from tests.support import expected_members, random_rows, run_cli, warehouse_members, write_csv
 from topics.partitioner import partition_for
 from topics.spec import ROWS, SPECS
@@ -221,6 +223,8 @@ def test_replace_removals_spanning_sink_chunks_are_all_kept(tmp_path: Path) -> N
         u for u, _s, _o in users if u != "user-7")
     names = sorted(p.name for p in batch_dir(data, "b-one").rglob("part-*"))
     assert len(names) == len(set(names)) >= 2 * PARTITIONS  # ~10,000 removals each
+    store = LocalObjectStore(data / "s3")
+    assert fold_objects(store, "/".join(PREFIX)) == {("s", "user-7")}
 
 
 # ----------------------------------------------------------------- (c) status, (d) topics
