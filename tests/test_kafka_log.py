@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 from kafka import KafkaAdminClient
-from kafka.admin import ConfigResource, ConfigResourceType
+from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 
 from tests.kafka_broker import GROUP_TIMEOUTS, fresh_kafka_bootstrap, kafka_bootstrap, unique
 from topics.backends import open_log
@@ -176,10 +176,22 @@ def test_open_log_takes_a_server_list_and_ignores_other_backends_options(
 
 # -- topics -------------------------------------------------------------------------------
 
-def test_ensure_topics_creates_compacts_changelogs_and_refuses_other_counts(
+def topic_config(bootstrap: str, topic: str) -> dict[str, str]:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+    try:
+        described = admin.describe_configs([ConfigResource(ConfigResourceType.TOPIC, topic)],
+                                           config_filter="all")
+    finally:
+        admin.close()
+    return {k: v["value"] for k, v in described["topic"][topic].items()}
+
+
+def test_ensure_topics_creates_topics_with_their_specs_config_and_refuses_other_counts(
         log: KafkaLog, kafka_bootstrap: str) -> None:
-    plain, changelog = unique("plain"), unique("changelog")
-    specs = [TopicSpec(plain, 3, ("X",)), TopicSpec(changelog, 2, ("X",), changelog=True)]
+    plain, changelog, table = unique("plain"), unique("changelog"), unique("table")
+    specs = [TopicSpec(plain, 3, ("X",)),
+             TopicSpec(changelog, 2, ("X",), changelog=True, retention_ms=7 * 86_400_000),
+             TopicSpec(table, 1, ("X",), cleanup="compact", retention_bytes=1 << 30)]
     log.ensure_topics(specs)
     log.ensure_topics(specs)  # idempotent
     assert log.partitions(plain) == [0, 1, 2]
@@ -190,15 +202,40 @@ def test_ensure_topics_creates_compacts_changelogs_and_refuses_other_counts(
     assert "4" in str(err.value)
     with pytest.raises(TopicError, match="no topic"):
         log.partitions(unique("missing"))
+    # "keep forever" is explicit (-1): the broker's default would expire after 7 days
+    wanted = {plain: ("delete", "-1", "-1"), changelog: ("delete", "604800000", "-1"),
+              table: ("compact", "-1", str(1 << 30))}
+    for topic, (policy, ms, size) in wanted.items():
+        config = topic_config(kafka_bootstrap, topic)
+        assert (config["cleanup.policy"], config["retention.ms"],
+                config["retention.bytes"]) == (policy, ms, size), topic
+
+
+def test_keyless_record_to_a_compacted_topic_is_refused_at_send(
+        log: KafkaLog, kafka_bootstrap: str) -> None:
+    """Tansu accepts keyless records on compacted topics; Apache Kafka refuses them. The
+    producer enforces the broker's rule, with the policy the brokers report, so a topic
+    compacted outside topics.toml (here created by another admin client) counts too."""
+    compacted, plain, outside = unique("compacted"), unique("plain"), unique("outside")
+    log.ensure_topics([TopicSpec(compacted, 1, ("X",), cleanup="compact"),
+                       TopicSpec(plain, 1, ("X",))])
     admin = KafkaAdminClient(bootstrap_servers=kafka_bootstrap)
     try:
-        described = admin.describe_configs([
-            ConfigResource(ConfigResourceType.TOPIC, changelog),
-            ConfigResource(ConfigResourceType.TOPIC, plain)], config_filter="all")
+        admin.create_topics([NewTopic(outside, 1, 1,
+                                      topic_configs={"cleanup.policy": "compact,delete"})])
     finally:
         admin.close()
-    text = repr(described)
-    assert "cleanup.policy" in text and "compact" in text
+    producer = log.producer()
+    for topic in (compacted, outside):
+        with pytest.raises(ValueError,
+                           match="Compacted topic cannot accept message without key") as err:
+            producer.send(topic, 0, b"no key")
+        assert f"{topic}[0]" in str(err.value)
+        producer.send(topic, 0, b"keyed", b"k")
+    producer.send(plain, 0, b"no key")
+    producer.flush()
+    assert [(m.key, m.value) for m in log.read(compacted, 0)] == [(b"k", b"keyed")]
+    assert [(m.key, m.value) for m in log.read(plain, 0)] == [(None, b"no key")]
 
 
 # -- produce and read ---------------------------------------------------------------------

@@ -1,8 +1,16 @@
 """The embedded backend: a durable single-machine log under a data directory.
 
-    <root>/log/<topic>/topic.json       partition count
-    <root>/log/<topic>/<n>.log          frames (see partition_file.py)
+    <root>/log/<topic>/topic.json       partitions, changelog, and the housekeeping config:
+                                        cleanup, retention_ms, retention_bytes, segment_bytes
+    <root>/log/<topic>/<n>.log, <n>.<base>.log, <n>.<base>.compacted
+                                        segments of frames (segment.py, partition_file.py)
     <root>/groups/<group>/...           members, owners, committed positions (groups.py)
+
+Housekeeping (housekeeping.py) runs when `housekeep()` is called, and on its own from the
+producer (unless `auto_housekeep=False`): after a flush that rolled a segment (that
+partition at once), and at most every HOUSEKEEP_EVERY_S for the partitions a producer wrote
+since its last run. That costs a clock read per flush and needs no thread; an idle log is
+not housekept, and nothing grows.
 """
 
 from __future__ import annotations
@@ -14,10 +22,12 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from topics.backends.embedded.groups import GroupDir
+from topics.backends.embedded.housekeeping import housekeep_partition
 from topics.backends.embedded.partition_file import PartitionFile, encode_frame
 from topics.log import (
     GroupBusyError,
@@ -28,53 +38,107 @@ from topics.log import (
     TopicError,
     TopicPartition,
 )
-from topics.spec import TopicSpec
+from topics.spec import CONFIG_KEYS, DEFAULT_SEGMENT_BYTES, TopicSpec, check_config
+
+log_ = logging.getLogger(__name__)
 
 log_ = logging.getLogger(__name__)
 
 REBALANCE_EVERY_S = 0.5
+HOUSEKEEP_EVERY_S = 60.0
 # Frames hold any length; this bounds one message (and what a reader holds at once), and
 # the importer rejects a row bigger than it as a bad row, as on Kafka.
 MAX_MESSAGE_BYTES = 16 << 20
+# What a topic.json without these keys (an older data dir) means: the old behaviour.
+DEFAULT_CONFIG: dict[str, Any] = {"cleanup": "delete", "retention_ms": None,
+                                  "retention_bytes": None,
+                                  "segment_bytes": DEFAULT_SEGMENT_BYTES}
 
 
 class EmbeddedLog:
-    def __init__(self, root: Path, fsync: bool = False, session_timeout_s: float = 10.0):
+    def __init__(self, root: Path, fsync: bool = False, session_timeout_s: float = 10.0,
+                 auto_housekeep: bool = True):
         self.root = Path(root)
         self.session_timeout_s = session_timeout_s
+        self.auto_housekeep = auto_housekeep  # producers housekeep (module docstring)
         self.url = f"embedded://{self.root}"
         self.max_message_bytes = MAX_MESSAGE_BYTES
         self.fsync = fsync
         self._files: dict[TopicPartition, PartitionFile] = {}
+        self._configs: dict[str, dict[str, Any]] = {}
 
     # -- topics ---------------------------------------------------------------------------
     def _topic_dir(self, topic: str) -> Path:
         return self.root / "log" / topic
 
+    def _write_meta(self, topic: str, body: dict[str, Any]) -> None:
+        meta = self._topic_dir(topic) / "topic.json"
+        meta.parent.mkdir(parents=True, exist_ok=True)
+        tmp = meta.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(body), encoding="utf-8")
+        os.replace(tmp, meta)
+
+    def _read_meta(self, topic: str) -> dict[str, Any]:
+        meta = self._topic_dir(topic) / "topic.json"
+        try:
+            body: dict[str, Any] = json.loads(meta.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise TopicError(f"no topic {topic} in {self.root}") from None
+        return body
+
     def ensure_topics(self, specs: Sequence[TopicSpec]) -> None:
+        """Creates missing topics with their spec's config. An existing topic keeps its
+        config (as on Kafka: `set_topic_config` changes it); an older topic.json without
+        config keys gains the spec's."""
         for spec in specs:
-            meta = self._topic_dir(spec.name) / "topic.json"
-            if meta.exists():
-                have = json.loads(meta.read_text(encoding="utf-8"))["partitions"]
+            if (self._topic_dir(spec.name) / "topic.json").exists():
+                body = self._read_meta(spec.name)
+                have = body["partitions"]
                 if have != spec.partitions:
                     raise TopicError(
                         f"topic {spec.name} has {have} partitions but its spec says "
                         f"{spec.partitions}; co-partitioned topics must match"
                     )
+                missing = {k: v for k, v in spec.config().items() if k not in body}
+                if missing:
+                    self._write_meta(spec.name, {**body, **missing})
+                    self._configs.pop(spec.name, None)
                 continue
-            meta.parent.mkdir(parents=True, exist_ok=True)
-            body = {"partitions": spec.partitions, "changelog": spec.changelog}
-            tmp = meta.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(body), encoding="utf-8")
-            os.replace(tmp, meta)
+            self._write_meta(spec.name, {"partitions": spec.partitions,
+                                         "changelog": spec.changelog, **spec.config()})
+
+    def topic_config(self, topic: str, fresh: bool = False) -> dict[str, Any]:
+        """The topic's housekeeping config (cached; `fresh` re-reads topic.json)."""
+        config = None if fresh else self._configs.get(topic)
+        if config is None:
+            body = self._read_meta(topic)
+            config = {k: body.get(k, DEFAULT_CONFIG[k]) for k in CONFIG_KEYS}
+            self._configs[topic] = config
+            for tp, pf in self._files.items():
+                if tp.topic == topic:
+                    pf.segment_bytes = config["segment_bytes"]
+        return config
+
+    def set_topic_config(self, topic: str, **config: Any) -> None:
+        """Changes a topic's housekeeping config (cleanup, retention_ms, retention_bytes,
+        segment_bytes; None clears a retention) in its topic.json. This handle applies it
+        at once; another process's open handles take a new segment_bytes when they next
+        housekeep, and retention applies wherever housekeeping runs next."""
+        body = self._read_meta(topic)
+        merged = {k: body.get(k, DEFAULT_CONFIG[k]) for k in CONFIG_KEYS}
+        merged.update(config)
+        try:
+            check_config(topic, merged)
+        except ValueError as exc:
+            raise TopicError(str(exc)) from None
+        self._write_meta(topic, {**body, **merged})
+        self.topic_config(topic, fresh=True)
+
+    def compacted(self, topic: str) -> bool:
+        return bool(self.topic_config(topic)["cleanup"] == "compact")
 
     def partitions(self, topic: str) -> list[int]:
-        meta = self._topic_dir(topic) / "topic.json"
-        try:
-            count = json.loads(meta.read_text(encoding="utf-8"))["partitions"]
-        except FileNotFoundError:
-            raise TopicError(f"no topic {topic} in {self.root}") from None
-        return list(range(count))
+        return list(range(self._read_meta(topic)["partitions"]))
 
     def file(self, tp: TopicPartition) -> PartitionFile:
         pf = self._files.get(tp)
@@ -82,8 +146,46 @@ class EmbeddedLog:
             if tp.partition not in self.partitions(tp.topic):
                 raise TopicError(f"{tp}: no such partition")
             path = self._topic_dir(tp.topic) / f"{tp.partition}.log"
-            pf = self._files[tp] = PartitionFile(path, fsync=self.fsync)
+            pf = self._files[tp] = PartitionFile(
+                path, fsync=self.fsync,
+                segment_bytes=self.topic_config(tp.topic)["segment_bytes"])
         return pf
+
+    # -- housekeeping ---------------------------------------------------------------------
+    def housekeep(self, now_ms: int | None = None) -> dict[str, Any]:
+        """Applies every topic's retention or compaction now (`now_ms`: the clock to judge
+        ages by, for tests). Returns what it removed:
+        {"deleted": [{"topic", "partition", "base", "bytes", "reason"}, ...],
+         "compacted": [{"topic", "partition", "base", "removed", "kept", "bytes_before",
+                        "bytes_after"}, ...],
+         "freed_bytes": int}"""
+        folder = self.root / "log"
+        topics = sorted(p.name for p in folder.iterdir()
+                        if (p / "topic.json").exists()) if folder.is_dir() else []
+        return self._housekeep([TopicPartition(t, p) for t in topics
+                                for p in self.partitions(t)], now_ms)
+
+    def _housekeep(self, tps: Iterable[TopicPartition], now_ms: int | None = None
+                   ) -> dict[str, Any]:
+        now = int(time.time() * 1000) if now_ms is None else now_ms
+        result: dict[str, Any] = {"deleted": [], "compacted": [], "freed_bytes": 0}
+        fresh: set[str] = set()
+        for tp in sorted(set(tps)):
+            config = self.topic_config(tp.topic, fresh=tp.topic not in fresh)
+            fresh.add(tp.topic)
+            if config["cleanup"] != "compact" and config["retention_ms"] is None \
+                    and config["retention_bytes"] is None:
+                continue
+            done = housekeep_partition(self.file(tp), config, now)
+            for kind in ("deleted", "compacted"):
+                for item in done[kind]:
+                    result[kind].append({"topic": tp.topic, "partition": tp.partition, **item})
+            result["freed_bytes"] += sum(d["bytes"] for d in done["deleted"]) + sum(
+                c["bytes_before"] - c["bytes_after"] for c in done["compacted"])
+        if result["deleted"] or result["compacted"]:
+            log_.info("housekeeping deleted %d segment(s) and compacted %d, freeing %d bytes",
+                      len(result["deleted"]), len(result["compacted"]), result["freed_bytes"])
+        return result
 
     # -- clients --------------------------------------------------------------------------
     def producer(self) -> EmbeddedProducer:
@@ -176,16 +278,39 @@ class EmbeddedProducer:
     def __init__(self, log: EmbeddedLog):
         self.log = log
         self._pending: dict[TopicPartition, list[bytes]] = {}
+        self._written: set[TopicPartition] = set()
+        self._next_housekeep = time.monotonic() + HOUSEKEEP_EVERY_S
 
     def send(self, topic: str, partition: int, value: bytes, key: bytes | None = None) -> None:
+        if key is None and self.log.compacted(topic):
+            raise ValueError(
+                f"Compacted topic cannot accept message without key: {topic}[{partition}] "
+                "has cleanup 'compact', which keeps the last record per key")
         tp = TopicPartition(topic, partition)
         frame = encode_frame(value, key, int(time.time() * 1000))
         self._pending.setdefault(tp, []).append(frame)
 
     def flush(self) -> None:
         pending, self._pending = self._pending, {}
+        rolled = []
         for tp, frames in pending.items():
-            self.log.file(tp).append(frames)
+            pf = self.log.file(tp)
+            rolls = pf.rolls
+            pf.append(frames)
+            if pf.rolls != rolls:
+                rolled.append(tp)
+        if not self.log.auto_housekeep:
+            return
+        self._written.update(pending)
+        due = time.monotonic() >= self._next_housekeep
+        if rolled or due:
+            if due:
+                rolled, self._written = list(self._written), set()
+                self._next_housekeep = time.monotonic() + HOUSEKEEP_EVERY_S
+            try:
+                self.log._housekeep(rolled)
+            except Exception:  # what was flushed is durable; housekeeping can wait a turn
+                log_.exception("housekeeping %s failed", ", ".join(map(str, rolled)))
 
     def close(self) -> None:
         self.flush()

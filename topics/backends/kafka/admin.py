@@ -1,5 +1,9 @@
 """Topic and group administration through KafkaAdminClient.
 
+Topics are created with their spec's cleanup.policy, retention.ms and retention.bytes
+(`topic_configs`); "keep forever" is said explicitly (-1), or the broker's default (7 days)
+would apply. `cleanup_policy` reads a topic's policy back from the broker, for the producer.
+
 DescribeGroups: kafka-python asks for the groups' authorized operations and turns the
 returned bit field into ACL enum members; Tansu sets bits kafka-python has no member for,
 so the stock `describe_groups` raises ValueError on Tansu. `_Client` drops that field
@@ -8,23 +12,35 @@ so the stock `describe_groups` raises ValueError on Tansu. `_Client` drops that 
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from kafka import KafkaAdminClient
 from kafka import TopicPartition as KafkaTP
-from kafka.admin import NewTopic
+from kafka.admin import ConfigResource, ConfigResourceType, NewTopic
 from kafka.errors import KafkaError, KafkaTimeoutError, for_code
 from kafka.structs import OffsetAndMetadata
 
 from topics.log import TopicError
-from topics.spec import TopicSpec
+from topics.spec import SPECS, TopicSpec
+
+log_ = logging.getLogger(__name__)
 
 TOPIC_ALREADY_EXISTS = 36
 # Brokers name a member "<client id>-<uuid>"; the client id is the member name we chose.
 _MEMBER_SUFFIX = re.compile(r"-[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def topic_configs(spec: TopicSpec) -> dict[str, str]:
+    """The Kafka topic configs of a spec (segment_bytes is the embedded log's own)."""
+    return {"cleanup.policy": spec.cleanup,
+            "retention.ms": str(-1 if spec.retention_ms is None else spec.retention_ms),
+            "retention.bytes": str(-1 if spec.retention_bytes is None
+                                   else spec.retention_bytes)}
 
 
 class _Client(KafkaAdminClient):
@@ -45,6 +61,7 @@ class Admin:
         self.replication_factor = replication_factor
         self.topic_wait_s = topic_wait_s
         self.client = _Client(bootstrap_servers=bootstrap, **options)
+        self._lock = threading.Lock()  # producers look policies up from their own threads
 
     # -- topics ---------------------------------------------------------------------------
     def partition_counts(self, names: Sequence[str]) -> dict[str, int | None]:
@@ -80,7 +97,7 @@ class Admin:
 
     def _create(self, specs: Sequence[TopicSpec]) -> None:
         new = [NewTopic(s.name, s.partitions, self.replication_factor,
-                        topic_configs={"cleanup.policy": "compact"} if s.changelog else {})
+                        topic_configs=topic_configs(s))
                for s in specs]
         response = self.client.create_topics(new, raise_errors=False)
         for topic in response["topics"]:
@@ -93,6 +110,21 @@ class Admin:
                                         timeout_ms=int(self.topic_wait_s * 1000))
         except KafkaTimeoutError as exc:
             raise TopicError(f"created topics are not ready: {exc}") from None
+
+    def cleanup_policy(self, topic: str) -> str:
+        """The topic's cleanup.policy on the brokers ("delete", "compact" or both, comma
+        separated). If the brokers cannot say, the spec's, or Kafka's default "delete"."""
+        try:
+            with self._lock:
+                described = self.client.describe_configs(
+                    [ConfigResource(ConfigResourceType.TOPIC, topic)], config_filter="all")
+            entry = described.get("topic", {}).get(topic, {}).get("cleanup.policy") or {}
+            return str(entry.get("value") or "delete")
+        except KafkaError as exc:
+            fallback = SPECS[topic].cleanup if topic in SPECS else "delete"
+            log_.warning("cannot read the cleanup.policy of %s from the brokers (%s); "
+                         "assuming %r", topic, exc, fallback)
+            return fallback
 
     # -- groups ---------------------------------------------------------------------------
     def groups(self) -> list[str]:

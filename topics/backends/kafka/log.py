@@ -78,7 +78,7 @@ class KafkaLog:
     # -- clients --------------------------------------------------------------------------
     def producer(self) -> KafkaLogProducer:
         producer = KafkaLogProducer(self.bootstrap, self._options["producer"],
-                                    self.max_request_size)
+                                    self.max_request_size, self._admin.cleanup_policy)
         self._clients.append(producer)
         return producer
 
