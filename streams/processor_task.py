@@ -48,6 +48,7 @@ class _Owned:
     tail: Tail  # the changelog as read so far (for the next snapshot)
     written: int = 0  # changelog bytes since the last snapshot
     last_snapshot: float = 0.0  # monotonic
+    covered: bool = False  # a snapshot covers its history (the one restored, or a newer)
 
 
 class ProcessorTask:
@@ -83,7 +84,8 @@ class ProcessorTask:
                                   self.snapshots)
             claim(self.log, self.outputs.producer, topic, tp.partition, store, tail,
                   self.member)
-            self._owned[tp.partition] = _Owned(store, tail, last_snapshot=time.monotonic())
+            self._owned[tp.partition] = _Owned(store, tail, last_snapshot=time.monotonic(),
+                                               covered=tail.first_schema == "snapshot")
             committed = self.consumer.committed(tp)
             if store.applied is not None and (committed is None or committed > store.applied):
                 # The changelog's stamp is what was applied; a commit beyond it (inputs that
@@ -96,6 +98,14 @@ class ProcessorTask:
 
     def on_revoked(self, tps: Sequence[TopicPartition]) -> None:
         self.checkpoint()
+        if self.snapshots is not None:
+            # Given back cleanly (a stop, a rebalance): a snapshot of what the changelog got
+            # since the last one, so that no restore, however much later, needs that tail
+            # (the changelog's retention may drop it before a worker runs again).
+            for tp in tps:
+                owned = self._owned.get(tp.partition)
+                if owned is not None and (owned.written or not owned.covered):
+                    self._snapshot(tp.partition, owned)
         self._drop(tps)
 
     def on_lost(self, tps: Sequence[TopicPartition]) -> None:
@@ -144,6 +154,8 @@ class ProcessorTask:
                 or self._since_checkpoint >= self._checkpoint_messages
                 or time.monotonic() >= self._next_checkpoint):
             self.checkpoint()
+            if not messages:
+                self._snapshot_due()  # an idle partition's tail must not outlive retention
         return len(messages)
 
     def _poison(self, msg: Message, record: Input, exc: Exception) -> list[Output]:
@@ -170,7 +182,9 @@ class ProcessorTask:
             changes = store.take_dirty()
             if changes and store.applied is not None:
                 owned.written += write_checkpoint(producer, topic, partition, store.applied,
-                                                  store.generation, changes, self.name)
+                                                  store.generation, changes, self.name,
+                                                  store.checkpointed)
+                store.checkpointed = store.applied
         producer.flush()  # 2. changelog
         crash_point(f"{self.name}.after_changelog")
         committed, self._uncommitted = self._uncommitted, {}
@@ -196,9 +210,12 @@ class ProcessorTask:
             self.on_lost([TopicPartition(self.processor.input_topic, partition)])
             return
         assert tail.last_position is not None  # our own claim, at least
+        # Stamped as of its last checkpoint: inputs after it changed nothing (else they would
+        # be in a checkpoint), and the next checkpoint names that stamp as its previous.
         key = self.snapshots.save(topic, partition, Snapshot(  # type: ignore[union-attr]
             tail.last_position, store.generation, store.epoch, store.generation,
-            store.applied, store.snapshot_entries()))
+            store.checkpointed, store.snapshot_entries()))
+        owned.covered = True
         crash_point(f"{self.name}.after_snapshot")
         log_.info("%s: snapshot of %s[%d] at %s: %s", self.name, topic, partition,
                   tail.last_position, key)

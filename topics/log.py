@@ -127,6 +127,10 @@ class Log(Protocol):
         """Reads one partition from after `after` to the end seen when reading started
         (changelog restore, status views). Needs no group and takes no ownership."""
 
+    def truncated(self, topic: str, partition: int) -> bool:
+        """True when messages at the start of the partition are gone (retention deleted
+        them): a reader from the start does not see the whole history."""
+
     def read_at(self, topic: str, partition: int, position: int) -> Message:
         """The message at `position` (a sink reads the stamp of its last commit)."""
 

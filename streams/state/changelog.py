@@ -34,12 +34,15 @@ MAX_BYTES = 512 * 1024
 ENTRY, FENCE, CLAIM = "Changelog", "ChangelogFence", "ChangelogClaim"
 
 Changes = dict[str, list[tuple[str, str | None]]]  # table -> [(key, encoded value or None)]
+UNCHAINED = -2  # a checkpoint that does not name the one before it
 
 
 def write_checkpoint(producer: Producer, topic: str, partition: int, applied: int,
-                     generation: int, changes: Changes, crash_name: str = "") -> int:
+                     generation: int, changes: Changes, crash_name: str = "",
+                     previous: int | None = UNCHAINED) -> int:
     """Sends one checkpoint of a partition as parts 0..n-1 (the caller flushes); returns
-    the bytes sent."""
+    the bytes sent. `previous`: the stamp of the checkpoint before it (None: the first;
+    UNCHAINED: not said, so not checked, as from writers before the chain)."""
     bodies = [body for table, entries in changes.items()
               for start in range(0, len(entries), MAX_ENTRIES)
               for body in _bodies(table, applied, entries[start : start + MAX_ENTRIES])]
@@ -47,7 +50,8 @@ def write_checkpoint(producer: Producer, topic: str, partition: int, applied: in
     sent = 0
     for part, body in enumerate(bodies):
         value = encode(ENTRY, {**body, "generation": generation, "part": part,
-                               "parts": len(bodies)})
+                               "parts": len(bodies),
+                               "previous": -1 if previous is None else previous})
         producer.send(topic, partition, value, _key(f"entry:{generation}:{applied}:{part}"))
         sent += len(value)
         if part == 0 and len(bodies) > 1 and crash_armed(inside):
@@ -103,6 +107,7 @@ class Checkpoint:
 
     generation: int
     applied: int
+    previous: int  # the stamp of the checkpoint before it (-1: none; -2: not recorded)
     tables: list[tuple[str, list[str], list[str | None]]] = field(default_factory=list)
 
 
@@ -174,7 +179,7 @@ def read_checkpoints(log: Log, topic: str, partition: int, after: int | None, ta
         if next_fence < len(fences) and applied >= void_from[next_fence]:
             continue  # rewound by a replay
         if pending is None:
-            pending, expected = Checkpoint(generation, applied), 0
+            pending, expected = Checkpoint(generation, applied, value["previous"]), 0
         pending.tables.append((value["table"], *_entries(value)))
         expected += 1
         if expected == value["parts"]:

@@ -9,7 +9,15 @@ import logging
 from typing import Any
 
 from streams.api import TableSpec
-from streams.state.changelog import CLAIM, ENTRY, Tail, read_checkpoints, write_claim
+from streams.state.changelog import (
+    CLAIM,
+    ENTRY,
+    FENCE,
+    UNCHAINED,
+    Tail,
+    read_checkpoints,
+    write_claim,
+)
 from streams.state.snapshots import Snapshot, SnapshotStore
 from streams.state.store import PartitionStore
 from topics.log import Log, Producer
@@ -33,7 +41,8 @@ def restore(log: Log, changelog_topic: str, partition: int,
         return store, tail
     store, tail = PartitionStore(specs), Tail()
     _apply(log, changelog_topic, partition, store, tail, after=None)
-    if _expired(tail):
+    if _expired(tail) or (tail.first_schema != FENCE and log.truncated(changelog_topic,
+                                                                       partition)):
         raise HistoryLost(
             f"{changelog_topic}[{partition}]: the changelog no longer starts at the "
             "beginning of its history (it expired) and no snapshot covers what is gone; "
@@ -59,7 +68,7 @@ def _from_snapshot(snapshot: Snapshot, specs: tuple[TableSpec[Any], ...]
                              f"{sorted(store.specs)}")
         for key, encoded in entries:
             store.load(table, key, encoded)
-    store.applied = snapshot.applied
+    store.applied = store.checkpointed = snapshot.applied
     tail = Tail(floor=snapshot.floor, generation=max(snapshot.generation, snapshot.floor),
                 epoch=snapshot.epoch, last_position=snapshot.covers, first_schema="snapshot")
     return store, tail
@@ -68,6 +77,13 @@ def _from_snapshot(snapshot: Snapshot, specs: tuple[TableSpec[Any], ...]
 def _apply(log: Log, topic: str, partition: int, store: PartitionStore, tail: Tail,
            after: int | None) -> None:
     for checkpoint in read_checkpoints(log, topic, partition, after, tail):
+        expected = -1 if store.checkpointed is None else store.checkpointed
+        if checkpoint.previous not in (UNCHAINED, expected):
+            raise HistoryLost(
+                f"{topic}[{partition}]: the checkpoint at input {checkpoint.applied} follows "
+                f"the one at {checkpoint.previous}, but the history read holds {expected}: "
+                "changelog messages between them expired before a snapshot covered them; "
+                "bring the snapshots back, or replay from earliest")
         for table, keys, values in checkpoint.tables:
             if table not in store.specs:
                 raise ValueError(f"{topic}[{partition}] has entries for unknown table "
@@ -76,6 +92,7 @@ def _apply(log: Log, topic: str, partition: int, store: PartitionStore, tail: Ta
                 store.load(table, key, value)
         if store.applied is None or checkpoint.applied > store.applied:
             store.applied = checkpoint.applied
+        store.checkpointed = checkpoint.applied
     if tail.torn:
         log_.warning("%s[%s]: discarded %d torn checkpoint(s) (their inputs are reprocessed)",
                      topic, partition, tail.torn)

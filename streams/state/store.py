@@ -61,6 +61,7 @@ class PartitionStore:
         self.views = {name: TableView(self.data[name], self.dirty[name], self._undo[name])
                       for name in self.specs}
         self.applied: int | None = None  # last input position applied
+        self.checkpointed: int | None = None  # the stamp of the last checkpoint in the log
         self.generation = 0  # the owner generation this store writes under
         self.epoch = 0  # the replay epoch its outputs carry
 

@@ -211,6 +211,12 @@ class EmbeddedLog:
                 yield Message(topic, partition, position, value, key, ts)
                 pos = nxt
 
+    def truncated(self, topic: str, partition: int) -> bool:
+        segments = self.file(TopicPartition(topic, partition)).segments()
+        # Positions are never reused: a first segment that does not start at 0 follows
+        # deleted ones.
+        return bool(segments) and segments[0].base > 0
+
     def read_at(self, topic: str, partition: int, position: int) -> Message:
         frames = self.file(TopicPartition(topic, partition)).read(position, 1)
         if not frames or frames[0][0] != position:

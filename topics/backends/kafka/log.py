@@ -94,6 +94,11 @@ class KafkaLog:
         with self._readers.take() as reader:
             yield from reader.read(topic, partition, 0 if after is None else after + 1)
 
+    def truncated(self, topic: str, partition: int) -> bool:
+        tp = KafkaTP(topic, partition)
+        with self._readers.take() as reader:
+            return reader.beginnings([tp])[tp] > 0  # the log start offset moved past 0
+
     def read_at(self, topic: str, partition: int, position: int) -> Message:
         with self._readers.take() as reader:
             return reader.read_at(topic, partition, position)
