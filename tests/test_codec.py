@@ -93,7 +93,7 @@ SAMPLES: dict[str, dict[str, Any]] = {
     "ChangelogClaim": {"generation": 7, "member": "host-1"},
     "ReplayFence": {"from_position": 1234, "epoch": 2},
     "Changelog": {"table": "members", "input_position": 12345, "generation": 3, "part": 1,
-                  "parts": 2, "count": 2,
+                  "parts": 2, "previous": 12000, "count": 2,
                   "key_column": "a\nb", "value_column": '{"x": 1}\n', "deleted_count": 1,
                   "deleted_column": "c", "keys": [], "values": []},
     "DeadLetter": {"batch_id": "b-1", "file": "f.csv", "row": 7, "reason": "bad id",
