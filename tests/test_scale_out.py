@@ -72,7 +72,8 @@ MESSAGE_ROWS = 200
 # partition back from a rebalance re-reads its open batch and writes its chunks again.
 CHUNK_ROWS = 10_000
 RESTORED = re.compile(r"^(\S+ \S+) INFO streams\.processor_task: segments: restored "
-                      r"audience\.rows\[(\d+)\] \(applied up to (None|\d+)\)", re.MULTILINE)
+                      r"audience\.rows\[(\d+)\] \(applied up to (None|\d+), generation \d+\)",
+                      re.MULTILINE)
 
 
 @pytest.fixture(scope="module")
