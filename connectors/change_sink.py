@@ -88,6 +88,8 @@ class ChangeSink:
         key = (v["batch_id"], record.partition)
         buf = self._open.setdefault(key, _Open())
         if record.schema == "SegmentChanges":
+            if v.get("part", 0):  # a replace's removals come in parts
+                crash_point(f"sink-{self.name}.between_removal_parts")
             if not buf.rows:
                 buf.first = (v["source_position"], v.get("part", 0))
             changes = record_batch(v)

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from streams.api import Input, Output, Processor
-from streams.faults import crash_point
+from streams.faults import crash_armed, crash_point
 from streams.outputs import OutputWriter
 from streams.state.changelog import Tail, write_checkpoint
 from streams.state.recovery import claim, newer_claim, restore
@@ -69,6 +69,7 @@ class ProcessorTask:
         self._checkpoint_interval_s = checkpoint_interval_s
         self._checkpoint_messages = checkpoint_messages
         self._next_checkpoint = time.monotonic() + checkpoint_interval_s
+        self._between = f"{self.name}.between_outputs"  # e.g. a replace's removal parts
         self.consumer = log.consumer(group, [processor.input_topic], self, member)
 
     @property
@@ -145,8 +146,11 @@ class ProcessorTask:
                 outputs = self._poison(msg, record, exc)
             else:
                 store.commit()
-            for out in outputs:
+            for i, out in enumerate(outputs):
                 send(out, store.epoch)
+                if i == 0 and len(outputs) > 1 and crash_armed(self._between):
+                    self.outputs.flush()  # the first output durable, the others not
+                    crash_point(self._between)
             store.applied = msg.position
             self._uncommitted[msg.tp] = msg.position
         self._since_checkpoint += len(messages)

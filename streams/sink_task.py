@@ -16,9 +16,11 @@ message, and a stamp from there would make the restarted sink skip what it never
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import pairwise
 from typing import Any, Protocol
 
 from streams.api import Input, Output
+from streams.faults import crash_armed, crash_point
 from streams.outputs import OutputWriter
 from topics.codec import schema_name, shared_decode
 from topics.log import Log, TopicPartition
@@ -175,6 +177,13 @@ class SinkTask:
                     self._skipped[msg.tp] = mark
         if emitted or self._committable:
             self.checkpoint()
+            crossing = f"{self.name}.after_boundary_poll"
+            if crash_armed(crossing) and any(
+                    m.partition == after.partition and schema_name(m.value) == "EndMarker"
+                    for m, after in pairwise(messages)):
+                # This poll went past a batch's end on a partition: a restart resumes from
+                # the commit just made, with the stamp as of it.
+                crash_point(crossing)
         return len(messages)
 
     def checkpoint(self) -> None:

@@ -378,6 +378,11 @@ def verify(target: Target, history: list[Batch], fmt: str = "parquet") -> None:
     assert members == expected, (f"warehouse holds {len(members)} members, expected "
                                  f"{len(expected)}: {len(set(members) - set(expected))} "
                                  f"extra, {len(set(expected) - set(members))} missing")
+    # and the project's own checker agrees: the source folded from the start equals the
+    # restored state, the warehouse and the fold of the S3 objects
+    checked = run_cli("verify", data_dir=data_dir, env=target.env(), check=False)
+    assert checked.returncode == 0 and "no differences" in checked.stdout, (
+        checked.stdout + checked.stderr)
 
 
 # -- 1. crash points ---------------------------------------------------------------------------
@@ -447,8 +452,11 @@ def test_run_killed_with_jsonl_objects(target: Target, inputs: dict[str, Batch],
 @pytest.mark.parametrize(("backend", "crash_at"), on_backends([
     "import.end_marker:2",  # end markers of partitions 0 and 1 are sent twice
     "segments.after_outputs:2",  # the checkpoint that holds the end-marker removals
+    "segments.between_outputs",  # a replace's first removal part durable, the rest not
+    "sink-s3.between_removal_parts:3",
+    "sink-warehouse.between_removal_parts",
     "sink-warehouse.after_close:3",
-], on_kafka=("segments.after_outputs:2",)))
+], on_kafka=("segments.after_outputs:2", "segments.between_outputs")))
 def test_replace_batch_killed_then_rerun_removes_once(
         target: Target, inputs: dict[str, Batch], crash_at: str) -> None:
     first, second = inputs["first"], inputs["second"]
@@ -475,6 +483,40 @@ def test_run_killed_in_processor_then_in_sink_then_rerun_delivers_once(
     rerun = run_cli(*args, data_dir=target.data_dir, env=target.env(), check=False)
     assert rerun.returncode == 0, f"stdout:\n{rerun.stdout}\nstderr:\n{rerun.stderr}"
     verify(target, [batch])
+
+
+@pytest.mark.parametrize(("backend", "crash_at"), on_backends([
+    "sink-s3.after_boundary_poll",  # a poll past the first batch's end, into the second's
+    "sink-warehouse.after_boundary_poll",
+], on_kafka=("sink-warehouse.after_boundary_poll",)))
+def test_sink_killed_after_a_poll_across_two_batches_then_restarted_delivers_once(
+        tmp_path: Path, target: Target, inputs: dict[str, Batch], crash_at: str,
+        spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
+    """Both batches are on the log before the worker starts, so a sink's poll takes the end
+    of the first and the start of the second on one partition: the commit it makes there
+    must carry the stamp as of the committed position, or the restarted sink skips the
+    second batch's first message and fails it on the count."""
+    first, second = inputs["first"], inputs["second"]
+    for batch in (first, second):
+        run_cli("import", "-q", "--mode", batch.mode, str(batch.path),
+                data_dir=target.data_dir, env=target.env())
+    crashed = spawn("worker", data_dir=target.data_dir, env=target.env(crash_at), name="w1")
+    assert crashed.wait(timeout=300) == KILLED, output_of(tmp_path, "w1")
+    worker = spawn("worker", data_dir=target.data_dir, env=target.env(), name="w2")
+    try:
+        wait_for(lambda: all(batch_is_closed_from(target, b.path) for b in (first, second))
+                 or worker.poll() is not None, 300, "both batches to close",
+                 interval=target.poll_interval)
+        wait_for(lambda: caught_up(target) or worker.poll() is not None, 120,
+                 "the worker to catch up", interval=target.poll_interval)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=60) == 0, output_of(tmp_path, "w2")
+    verify(target, [first, second])
+
+
+def batch_is_closed_from(target: Target, source: Path) -> bool:
+    return any(s["source"] == str(source) and s["status"] == "closed" for s in statuses(target))
 
 
 # -- 2. kills from outside at random points of progress ---------------------------------------

@@ -115,7 +115,4 @@ def test_a_paused_worker_loses_its_partitions_and_its_late_writes_count_for_noth
     for name, proc in (("zombie", zombie), ("heir", heir), ("keeper", keeper)):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0, output_of(tmp_path, name)
-    verify(target, [batch])
-    checked = run_cli("verify", data_dir=target.data_dir, env=env, check=False)
-    assert checked.returncode == 0, checked.stdout + checked.stderr
-    assert "no differences" in checked.stdout
+    verify(target, [batch])  # ends with `streams verify`
