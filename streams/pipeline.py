@@ -82,7 +82,10 @@ class Pipeline:
         if self._snapshots is None:
             from connectors.object_store import LocalObjectStore
 
-            self._snapshots = SnapshotStore(LocalObjectStore(self.settings.state_path))
+            # fsync as the embedded log does (--fsync): a snapshot is no more durable than
+            # the log it stands for.
+            self._snapshots = SnapshotStore(LocalObjectStore(self.settings.state_path,
+                                                             fsync=self.settings.fsync))
         return self._snapshots
 
     @property

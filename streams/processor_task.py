@@ -40,6 +40,7 @@ log_ = logging.getLogger(__name__)
 class SnapshotPolicy:
     every_bytes: int = 64 << 20  # changelog bytes written for a partition
     every_s: float = 3600.0  # or this long since the last, if anything changed
+    idle_bytes: int = 1 << 20  # or this many, once the input is drained
 
 
 @dataclass
@@ -159,7 +160,7 @@ class ProcessorTask:
                 or time.monotonic() >= self._next_checkpoint):
             self.checkpoint()
             if not messages:
-                self._snapshot_due()  # an idle partition's tail must not outlive retention
+                self._snapshot_due(idle=True)
         return len(messages)
 
     def _poison(self, msg: Message, record: Input, exc: Exception) -> list[Output]:
@@ -196,13 +197,19 @@ class ProcessorTask:
         self._snapshot_due()
 
     # -- snapshots ------------------------------------------------------------------------
-    def _snapshot_due(self) -> None:
+    def _snapshot_due(self, idle: bool = False) -> None:
+        """Snapshots partitions whose changelog grew `every_bytes` or that changed and were
+        last snapshotted `every_s` ago; when the input is drained (`idle`), already after
+        `idle_bytes`: the worker has nothing better to do, and the next stop, or the
+        next restore, then finds little or no tail (in `streams run` this overlaps with the
+        sinks finishing in the other process)."""
         if self.snapshots is None:
             return
         now = time.monotonic()
         policy = self.snapshot_policy
+        enough = policy.idle_bytes if idle else policy.every_bytes
         for partition, owned in list(self._owned.items()):
-            if owned.written and (owned.written >= policy.every_bytes
+            if owned.written and (owned.written >= enough
                                   or now - owned.last_snapshot >= policy.every_s):
                 self._snapshot(partition, owned)
                 owned.written, owned.last_snapshot = 0, now

@@ -189,6 +189,18 @@ def read_checkpoints(log: Log, topic: str, partition: int, after: int | None, ta
         tail.torn += 1
 
 
+def scan_claims(log: Log, topic: str, partition: int, tail: Tail) -> None:
+    """Reads on from `tail` to the end for claims only (an owner reading back its own
+    checkpoints before a snapshot): entries are passed over by their header."""
+    for msg in log.read(topic, partition, tail.last_position):
+        tail.last_position = msg.position
+        if schema_name(msg.value) == CLAIM:
+            claim = decode(msg.value)[1]
+            tail.claims.append((msg.position, claim["generation"], claim["member"]))
+            tail.floor = max(tail.floor, claim["generation"])
+            tail.generation = max(tail.generation, claim["generation"])
+
+
 def _entries(value: dict[str, Any]) -> tuple[list[str], list[str | None]]:
     """Keys and their values (None: deleted), from the packed columns or an older writer's
     arrays. A key is set or deleted once per message, so the order between the two is free."""

@@ -16,6 +16,7 @@ from streams.state.changelog import (
     UNCHAINED,
     Tail,
     read_checkpoints,
+    scan_claims,
     write_claim,
 )
 from streams.state.snapshots import Snapshot, SnapshotStore
@@ -119,7 +120,5 @@ def newer_claim(log: Log, changelog_topic: str, partition: int, store: Partition
     """Reads the changelog after `tail` to its end (the owner's own checkpoints, mostly):
     True if another owner claimed the partition meanwhile (this one is a zombie)."""
     seen = len(tail.claims)
-    for _checkpoint in read_checkpoints(log, changelog_topic, partition, tail.last_position,
-                                        tail):
-        pass
+    scan_claims(log, changelog_topic, partition, tail)
     return any(g > store.generation for _p, g, _m in tail.claims[seen:])

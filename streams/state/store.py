@@ -3,9 +3,9 @@ last checkpoint. The changelog is the durable copy; this is the working copy.
 
 Writes are transactional per input message (the Quix Streams model: store -> partition ->
 transaction). `begin()` opens a transaction; every first write of a key in it records the
-key's previous value and dirty mark in an undo log; `commit()` forgets the undo log and
-`rollback()` puts everything back. An undo log instead of a write buffer keeps reads on the
-hot path a plain dict lookup, and a failed message's writes never reach a checkpoint.
+key's previous value in an undo log; `commit()` forgets the undo log and `rollback()` puts
+the values back. An undo log instead of a write buffer keeps reads on the hot path a plain
+dict lookup, and a failed message's writes never reach a checkpoint.
 """
 
 from __future__ import annotations
@@ -16,34 +16,35 @@ from typing import Any
 from streams.api import TableSpec
 
 _ABSENT = object()
-Undo = dict[str, tuple[Any, Any]]  # key -> (previous value, previous dirty mark)
+Undo = dict[str, Any]  # key -> its value before the transaction (_ABSENT: none)
 
 
 class TableView:
-    """One table of one partition; writes go to the store and are remembered as dirty."""
+    """One table of one partition; writes go to the store and are remembered as dirty, and
+    the first write of a key in a transaction remembers its value before (the undo log).
+
+    `get`, `set` and `delete` are bound dict methods and closures, not methods: they are the
+    hot path of every fold (about a million calls for a million rows)."""
 
     def __init__(self, data: dict[str, Any], dirty: dict[str, Any], undo: Undo):
         self._data = data
-        self._dirty = dirty
-        self._undo = undo
-        self.get = data.get  # the hot path: a bound dict method, no wrapper
+        self.get = data.get
 
-    def _remember(self, key: str) -> None:
-        """Keeps the key's state from before the transaction's first write of it."""
-        self._undo[key] = (self._data.get(key, _ABSENT), self._dirty.get(key, _ABSENT))
+        def set(key: str, value: Any) -> None:
+            if key not in undo:
+                undo[key] = data.get(key, _ABSENT)
+            data[key] = value
+            dirty[key] = value
 
-    def set(self, key: str, value: Any) -> None:
-        if key not in self._undo:
-            self._remember(key)
-        self._data[key] = value
-        self._dirty[key] = value
+        def delete(key: str) -> None:
+            if key in data:
+                if key not in undo:
+                    undo[key] = data[key]
+                del data[key]
+                dirty[key] = None
 
-    def delete(self, key: str) -> None:
-        if key in self._data:
-            if key not in self._undo:
-                self._remember(key)
-            del self._data[key]
-            self._dirty[key] = None
+        self.set = set
+        self.delete = delete
 
     def items(self) -> Iterator[tuple[str, Any]]:
         return iter(self._data.items())
@@ -83,18 +84,18 @@ class PartitionStore:
                 undo.clear()
 
     def rollback(self) -> None:
-        """Undoes every write since `begin`: data and dirty marks as they were."""
+        """Undoes every write since `begin`. A key it restores stays dirty, with its value
+        from before: at most a changelog entry that changes nothing (the dirty mark of a key
+        is always its current value, so there is nothing else to restore)."""
         for name, undo in self._undo.items():
             data, dirty = self.data[name], self.dirty[name]
-            for key, (value, mark) in undo.items():
+            for key, value in undo.items():
                 if value is _ABSENT:
                     data.pop(key, None)
+                    dirty[key] = None
                 else:
                     data[key] = value
-                if mark is _ABSENT:
-                    dirty.pop(key, None)
-                else:
-                    dirty[key] = mark
+                    dirty[key] = value
             undo.clear()
 
     def take_dirty(self) -> dict[str, list[tuple[str, str | None]]]:
@@ -104,12 +105,26 @@ class PartitionStore:
         out = {}
         for name, dirty in self.dirty.items():
             if dirty:
-                encode = self.specs[name].encode
-                out[name] = [(k, None if v is None else encode(v)) for k, v in dirty.items()]
+                out[name] = _encoded(self.specs[name].encode, dirty)  # type: ignore[arg-type]
                 dirty.clear()
         return out
 
     def snapshot_entries(self) -> dict[str, list[tuple[str, str]]]:
         """Every key of every table, encoded (what a snapshot holds)."""
-        return {name: [(k, self.specs[name].encode(v)) for k, v in data.items()]
+        return {name: _encoded(self.specs[name].encode, data)  # type: ignore[misc]
                 for name, data in self.data.items()}
+
+
+def _encoded(encode: Any, values: dict[str, Any]) -> list[tuple[str, str | None]]:
+    """(key, encoded value or None) for every entry. Table values are immutable and often
+    shared (a million members of one segment hold one tuple), so each distinct object is
+    encoded once: its id is unique while `values` holds it."""
+    memo: dict[int, str | None] = {id(None): None}
+    out = []
+    append, remember = out.append, memo.get
+    for key, value in values.items():
+        text = remember(id(value), _ABSENT)
+        if text is _ABSENT:
+            text = memo[id(value)] = encode(value)
+        append((key, text))
+    return out
