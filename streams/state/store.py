@@ -105,26 +105,13 @@ class PartitionStore:
         out = {}
         for name, dirty in self.dirty.items():
             if dirty:
-                out[name] = _encoded(self.specs[name].encode, dirty)  # type: ignore[arg-type]
+                encode = self.specs[name].encode
+                out[name] = [(k, None if v is None else encode(v)) for k, v in dirty.items()]
                 dirty.clear()
         return out
 
     def snapshot_entries(self) -> dict[str, list[tuple[str, str]]]:
         """Every key of every table, encoded (what a snapshot holds)."""
-        return {name: _encoded(self.specs[name].encode, data)  # type: ignore[misc]
+        return {name: [(k, self.specs[name].encode(v)) for k, v in data.items()]
                 for name, data in self.data.items()}
 
-
-def _encoded(encode: Any, values: dict[str, Any]) -> list[tuple[str, str | None]]:
-    """(key, encoded value or None) for every entry. Table values are immutable and often
-    shared (a million members of one segment hold one tuple), so each distinct object is
-    encoded once: its id is unique while `values` holds it."""
-    memo: dict[int, str | None] = {id(None): None}
-    out = []
-    append, remember = out.append, memo.get
-    for key, value in values.items():
-        text = remember(id(value), _ABSENT)
-        if text is _ABSENT:
-            text = memo[id(value)] = encode(value)
-        append((key, text))
-    return out
