@@ -48,9 +48,21 @@ def encode_memberships(value: Memberships) -> str:
     return _ITEM_SEP.join(map(_pair_text, value))
 
 
+_SINGLES: dict[str, Memberships] = {}
+
+
 def decode_memberships(text: str) -> Memberships:
     if not text:
         return ()
+    if _ITEM_SEP not in text:
+        # One membership, as most members hold: one shared value per (segment, batch), as
+        # the fold shares it, so a restore of a million members makes a few tuples.
+        single = _SINGLES.get(text)
+        if single is None:
+            if len(_SINGLES) > 100_000:  # pairs are (segment, batch): few, but bound it
+                _SINGLES.clear()
+            single = _SINGLES[text] = (tuple(text.split(_PAIR_SEP, 1)),)  # type: ignore[assignment]
+        return single
     return tuple(tuple(item.split(_PAIR_SEP, 1)) for item in text.split(_ITEM_SEP))  # type: ignore[misc]
 
 
