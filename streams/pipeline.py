@@ -214,7 +214,8 @@ class Pipeline:
             "s3": lambda: fold_objects(LocalObjectStore(self.settings.object_root),
                                        self.settings.s3_prefix),
         }
-        return verify(self.log, AudienceSegments(), members, sinks, self.snapshots, only)
+        return verify(self.log, AudienceSegments(), members, sinks, self.snapshots, only,
+                      group_of("segments"))
 
     def dead_letters(self, batch_id: str | None = None) -> Iterator[dict[str, Any]]:
         for partition in self.log.partitions(DEAD_LETTER):

@@ -47,31 +47,42 @@ class Report:
 
 
 def fold_source(log: Log, processor: Processor) -> dict[int, PartitionStore]:
-    """Each input partition folded from its first message, outputs discarded; a message
-    that raises is rolled back, as its worker does."""
+    """Each input partition folded from its first message, outputs discarded."""
     stores = {}
     for partition in log.partitions(processor.input_topic):
         store = PartitionStore(processor.tables)
-        for msg in log.read(processor.input_topic, partition):
-            schema, value = decode(msg.value)
-            store.begin()
-            try:
-                processor.process(store.views, Input(schema, value, partition, msg.position,
-                                                     msg.timestamp_ms))
-            except Exception:
-                store.rollback()
-            else:
-                store.commit()
-            store.applied = msg.position
+        fold_after(log, processor, partition, store)
         stores[partition] = store
     return stores
+
+
+def fold_after(log: Log, processor: Processor, partition: int, store: PartitionStore) -> int:
+    """Folds the inputs after the store's stamp into it, as a worker would (a message that
+    raises is rolled back); returns how many."""
+    folded = 0
+    for msg in log.read(processor.input_topic, partition, after=store.applied):
+        schema, value = decode(msg.value)
+        store.begin()
+        try:
+            processor.process(store.views, Input(schema, value, partition, msg.position,
+                                                 msg.timestamp_ms))
+        except Exception:
+            store.rollback()
+        else:
+            store.commit()
+        store.applied = msg.position
+        folded += 1
+    return folded
 
 
 def verify(log: Log, processor: Processor, facts: Facts,
            sinks: Mapping[str, Callable[[], set[Fact]]],
            snapshots: SnapshotStore | None = None,
-           only: Callable[[Fact], bool] | None = None) -> Report:
-    """Compares the source fold with the restored state (per partition) and each sink."""
+           only: Callable[[Fact], bool] | None = None, group: str = "") -> Report:
+    """Compares the source fold with the restored state (per partition: the changelog, plus
+    the inputs after its stamp, which a checkpoint writes only when they change something)
+    and with each sink. `group`: the processor's consumer group, whose lag is a problem
+    (the sinks cannot be complete while it is behind)."""
     keep = only or (lambda _fact: True)
     report = Report()
     expected_by_partition = fold_source(log, processor)
@@ -82,12 +93,13 @@ def verify(log: Log, processor: Processor, facts: Facts,
         expected |= mine
         restored, _tail = restore(log, processor.changelog_topic, partition, processor.tables,
                                   snapshots)
-        if restored.applied != folded.applied:
-            report.problems.append(
-                f"state: partition {partition} of {processor.input_topic} is applied up to "
-                f"{restored.applied}, the topic ends at {folded.applied} (workers still "
-                "running or behind: verify once they caught up)")
+        fold_after(log, processor, partition, restored)
         state |= {f for f in facts(restored.data) if keep(f)}
+    for position in log.group_positions(group) if group else []:
+        if position.tp.topic == processor.input_topic and position.lag:
+            report.problems.append(
+                f"{group} is {position.lag} message(s) behind on {position.tp} (workers still "
+                "running or behind: verify once they caught up)")
     report.expected = len(expected)
     _compare(report, "state", expected, state)
     for where, read in sinks.items():
