@@ -8,6 +8,7 @@ row: a chunk of 100,000 changes is ~4 MB of Arrow buffers instead of ~12 MB of l
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.rows import OPS
+from topics import attributes as attribute_columns
 from topics.columns import LITTLE_ENDIAN, index_type, read_columns
 
 # Field order here is the order of every encoded format (Avro schema, JSON keys, Parquet).
@@ -56,6 +58,10 @@ class ChangeSet:
     first_part: int  # and the part of its message
     columns: pa.Table  # CHANGE_COLUMNS: user_id, segment_id, op, seq (-1: removed by
     # replace), source_position, part
+    # The input file's extra columns, a row per change (null where a row lacks one, and on
+    # a replace's removals); None when no change of the chunk has any. The warehouse keeps
+    # memberships only and ignores them.
+    attributes: pa.Table | None = None
 
     def __post_init__(self) -> None:
         # Catch a producer bug here rather than as a bad load in the warehouse.
@@ -65,6 +71,9 @@ class ChangeSet:
         bad = set(pc.unique(self.columns["op"]).to_pylist()).difference(OPS)
         if bad:
             raise ValueError(f"{self._name()}: unknown ops {sorted(bad)}, expected one of {OPS}")
+        if self.attributes is not None and self.attributes.num_rows != len(self):
+            raise ValueError(f"{self._name()}: {self.attributes.num_rows} rows of attributes "
+                             f"for {len(self)} changes")
         if len(self):
             first = (self.columns["source_position"][0].as_py(), self.columns["part"][0].as_py())
             if first != (self.first_position, self.first_part):
@@ -75,7 +84,8 @@ class ChangeSet:
                    user_ids: Sequence[str], segment_ids: Sequence[str], ops: Sequence[str],
                    seqs: Sequence[int], *, first_part: int = 0,
                    source_positions: Sequence[int] | None = None,
-                   parts: Sequence[int] | None = None) -> ChangeSet:
+                   parts: Sequence[int] | None = None,
+                   attributes: pa.Table | None = None) -> ChangeSet:
         """Columns from lists; without source_positions and parts, every change comes from
         the one message (first_position, first_part)."""
         n = len(user_ids)
@@ -88,7 +98,7 @@ class ChangeSet:
                 f"seqs={len(seqs)}, source_positions={len(positions)}, parts={len(parts)})")
         return cls(batch_id, partition, first_position, first_part, pa.Table.from_arrays(
             [*_arrays(user_ids, segment_ids, ops, seqs), pa.array(positions, pa.int64()),
-             pa.array(parts, pa.int32())], schema=CHANGE_COLUMNS))
+             pa.array(parts, pa.int32())], schema=CHANGE_COLUMNS), attributes)
 
     def _name(self) -> str:
         return (f"ChangeSet {self.batch_id}/{self.partition}"
@@ -127,15 +137,34 @@ class ChangeSet:
         return zip(self.user_ids, self.segment_ids, self.ops, self.seqs, self.source_positions,
                    self.parts, strict=True)
 
+    def output_attributes(self) -> pa.Table | None:
+        """The attributes as output columns: an attribute named like a column of
+        ARROW_SCHEMA is renamed `attr_<name>` so that it cannot shadow one."""
+        if self.attributes is None:
+            return None
+        taken = set(ARROW_SCHEMA.names)
+        names = []
+        for name in self.attributes.column_names:
+            while name in taken:
+                name = f"attr_{name}"
+            taken.add(name)
+            names.append(name)
+        return self.attributes.rename_columns(names)
+
     def to_arrow(self) -> pa.Table:
         """Columns batch_id, partition, user_id, segment_id, op, seq, source_position, part
-        (ARROW_SCHEMA)."""
+        (ARROW_SCHEMA), then the attributes, if any (`output_attributes`)."""
         n = len(self)
-        return pa.Table.from_arrays(
+        table = pa.Table.from_arrays(
             [pa.repeat(pa.scalar(self.batch_id, pa.string()), n),
              pa.repeat(pa.scalar(self.partition, pa.int32()), n),
              *self.columns.columns],
             schema=ARROW_SCHEMA)
+        extra = self.output_attributes()
+        if extra is not None:
+            for field, column in zip(extra.schema, extra.columns, strict=True):
+                table = table.append_column(field, column)
+        return table
 
 
 def record_batch(value: dict[str, Any]) -> pa.RecordBatch:
@@ -180,3 +209,55 @@ def _dictionary(column: dict[str, Any], count: int) -> pa.Array:
         raise ValueError(f"a dictionary column of {len(column['index'])} bytes for {count} rows")
     index = pa.Array.from_buffers(index_of, count, [None, pa.py_buffer(column["index"])])
     return pc.take(pa.array(distinct, pa.string()), index)
+
+
+def record_attributes(value: dict[str, Any], count: int) -> pa.Table | None:
+    """The attributes of one `SegmentChanges` value, or None when it has none."""
+    return attribute_columns.read(value, count)
+
+
+def combine_attributes(parts: Sequence[tuple[int, pa.Table | None]]) -> pa.Table | None:
+    """The attributes of consecutive messages (rows, attributes or None) as one table: a
+    column per name in order of first appearance, null where a message lacks it; a name
+    typed differently by two messages takes the wider type (int64 and double: double), or
+    text where there is none."""
+    tables = [t for _n, t in parts if t is not None]
+    if not tables:
+        return None
+    kinds: dict[str, list[pa.DataType]] = {}
+    for table in tables:
+        for f in table.schema:
+            kinds.setdefault(f.name, []).append(f.type)
+    schema = pa.schema([pa.field(name, _common_type(name, types))
+                        for name, types in kinds.items()])
+    out = []
+    for n, table in parts:
+        columns = []
+        for f in schema:
+            if table is None or f.name not in table.column_names:
+                columns.append(pa.nulls(n, f.type))
+            else:
+                columns.append(as_type(table[f.name], f.type))
+        out.append(pa.Table.from_arrays(columns, schema=schema))
+    return pa.concat_tables(out).combine_chunks()
+
+
+def _common_type(name: str, types: list[pa.DataType]) -> pa.DataType:
+    if all(t == types[0] for t in types):
+        return types[0]
+    try:
+        return pa.unify_schemas([pa.schema([pa.field(name, t)]) for t in types],
+                                promote_options="permissive").field(name).type
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return pa.string()
+
+
+def as_type(column: pa.ChunkedArray, kind: pa.DataType) -> pa.ChunkedArray:
+    if column.type == kind:
+        return column
+    try:
+        return column.cast(kind)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # nested values as JSON text
+        return pa.chunked_array([pa.array(
+            [None if v is None else json.dumps(v, ensure_ascii=False, default=str)
+             for v in column.to_pylist()], pa.string())], pa.string())

@@ -25,7 +25,13 @@ from typing import Protocol
 
 import pyarrow as pa
 
-from connectors.change_set import CHANGE_COLUMNS, ChangeSet, record_batch
+from connectors.change_set import (
+    CHANGE_COLUMNS,
+    ChangeSet,
+    combine_attributes,
+    record_attributes,
+    record_batch,
+)
 from processors.events import batch_event
 from streams.api import Input, Output
 from streams.faults import crash_point
@@ -56,6 +62,9 @@ class ChangeWriter(Protocol):
 class _Open:
     first: tuple[int, int] = (-1, 0)  # stamp of the chunk's first change
     batches: list[pa.RecordBatch] = field(default_factory=list)  # of the chunk being filled
+    # Per entry of `batches`, its rows and attributes (None: none); None while no message
+    # of the chunk has any, so files without attributes keep nothing here.
+    attributes: list[tuple[int, pa.Table | None]] | None = None
     rows: int = 0  # in `batches`
     received: int = 0  # changes of the batch in this partition so far, all chunks
 
@@ -93,6 +102,11 @@ class ChangeSink:
             if not buf.rows:
                 buf.first = (v["source_position"], v.get("part", 0))
             changes = record_batch(v)
+            attrs = record_attributes(v, changes.num_rows)
+            if attrs is not None and buf.attributes is None:
+                buf.attributes = [(b.num_rows, None) for b in buf.batches]
+            if buf.attributes is not None:
+                buf.attributes.append((changes.num_rows, attrs))
             buf.batches.append(changes)
             buf.rows += changes.num_rows
             buf.received += changes.num_rows
@@ -106,9 +120,10 @@ class ChangeSink:
             # One contiguous chunk: the bytes of an object must not depend on how the
             # changes were split into messages.
             columns = pa.Table.from_batches(buf.batches, CHANGE_COLUMNS).combine_chunks()
-            self.writer.write_chunk(ChangeSet(key[0], key[1], *buf.first, columns))
+            attrs = combine_attributes(buf.attributes) if buf.attributes else None
+            self.writer.write_chunk(ChangeSet(key[0], key[1], *buf.first, columns, attrs))
             crash_point(f"sink-{self.name}.after_chunk")
-            buf.batches, buf.rows = [], 0
+            buf.batches, buf.rows, buf.attributes = [], 0, None
 
     def _end_marker(self, key: tuple[str, int], buf: _Open, record: Input) -> list[Output]:
         batch_id, partition = key

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from itertools import chain, repeat
 from operator import itemgetter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from connectors.error_budget import ErrorBudget
 from connectors.readers import file_checksum, read_chunks, resolve_format
@@ -45,6 +45,7 @@ from streams.faults import crash_point
 from streams.outputs import OutputWriter
 from streams.state.snapshots import SnapshotStore
 from streams.state.table_reader import read_table
+from topics import attributes
 from topics.codec import encode
 from topics.columns import write_columns
 from topics.log import Log
@@ -52,6 +53,9 @@ from topics.partitioner import KAFKA_SEED
 from topics.spec import DEAD_LETTER, ROWS
 
 from murmurhash2 import murmurhash2  # isort: skip
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 BATCH_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 STDIN = "-"
@@ -276,6 +280,9 @@ class Importer:
         `segments`; returns the rows rejected for being too big for a message on their own
         (sent to the dead-letter topic)."""
         n, spooled = self.partitions, 0
+        # Typed columns once per chunk (only files with attributes), then rows per partition.
+        table = (attributes.from_dicts(chunk.attributes, chunk.attribute_types)
+                 if chunk.attributes is not None else None)
         rows_of: list[list[int]] = [[] for _ in range(n)]  # row indexes per partition
         append = [rows.append for rows in rows_of]
         hashes = map(murmurhash2, map(str.encode, chunk.user_ids), repeat(KAFKA_SEED))
@@ -287,13 +294,14 @@ class Importer:
             pick = _picker(rows_of[partition])
             seqs, users = pick(chunk.seqs), pick(chunk.user_ids)
             segs, ops = pick(chunk.segment_ids), pick(chunk.ops)
-            attrs = pick(chunk.attributes) if chunk.attributes is not None else None
+            attrs = attributes.take(table, rows_of[partition]) if table is not None else None
             for start in range(0, len(seqs), step):
                 end = start + step
                 spooled_here = self._spool_rows(
                     spool, batch_id, req, name, partition, segments, seqs[start:end],
                     users[start:end],
-                    segs[start:end], ops[start:end], attrs[start:end] if attrs else None)
+                    segs[start:end], ops[start:end],
+                    attrs.slice(start, step) if attrs is not None else None)
                 counts[partition] += spooled_here
                 spooled += spooled_here
         return len(chunk) - spooled
@@ -301,19 +309,19 @@ class Importer:
     def _spool_rows(self, spool: Spool, batch_id: str, req: ImportRequest, name: str,
                     partition: int, segments: set[str], seqs: list[int], users: list[str],
                     segs: list[str], ops: list[str],
-                    attrs: list[dict[str, str]] | None) -> int:
+                    attrs: pa.Table | None) -> int:
         """The rows as one message, or in halves while that is over the log's message
         limit; a single row over it is a bad row. Returns the rows spooled."""
         value = encode("AudienceRows", {"batch_id": batch_id, "mode": req.mode,
                                         **write_columns(seqs, users, segs, ops),
-                                        "attributes": attrs})
+                                        attributes.FIELD: attributes.pack(attrs)})
         limit = self.log.max_message_bytes
         if len(value) <= limit:
             spool.add(partition, value)
             segments.update(segs)  # the segments a replace batch names: of rows it holds
             return len(seqs)
         if len(seqs) == 1:
-            keys = f", attributes {sorted(attrs[0])}" if attrs else ""
+            keys = f", attributes {sorted(attrs.column_names)}" if attrs is not None else ""
             self.out.producer.send(DEAD_LETTER, 0, encode("DeadLetter", {
                 "batch_id": batch_id, "file": name, "row": seqs[0],
                 "reason": f"row is {len(value):,} bytes as a message, over the log's "
@@ -322,9 +330,9 @@ class Importer:
             return 0
         h = len(seqs) // 2
         return (self._spool_rows(spool, batch_id, req, name, partition, segments, seqs[:h],
-                                 users[:h], segs[:h], ops[:h], attrs[:h] if attrs else None)
+                                 users[:h], segs[:h], ops[:h], _rows(attrs, 0, h))
                 + self._spool_rows(spool, batch_id, req, name, partition, segments, seqs[h:],
-                                   users[h:], segs[h:], ops[h:], attrs[h:] if attrs else None))
+                                   users[h:], segs[h:], ops[h:], _rows(attrs, h, len(seqs))))
 
     def _dead_letters(self, batch_id: str, chunk: RowChunk) -> int:
         for bad in chunk.rejects:
@@ -376,3 +384,7 @@ def _sigint_deferred() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
     if caught:
         raise KeyboardInterrupt
+
+
+def _rows(table: pa.Table | None, start: int, end: int) -> pa.Table | None:
+    return None if table is None else table.slice(start, end - start)

@@ -9,15 +9,17 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 import fastavro
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from connectors.change_set import ARROW_SCHEMA, ChangeSet
+from connectors.change_set import ARROW_SCHEMA, ChangeSet, as_type
 
 FORMATS = ("avro", "jsonl", "parquet")
 _EXTENSIONS = {"avro": ".avro", "jsonl": ".jsonl", "parquet": ".parquet"}
@@ -29,23 +31,65 @@ AVRO_CODEC = "deflate"
 # snappy: the Parquet default, read by Redshift COPY, Spectrum, Athena and DuckDB alike.
 PARQUET_COMPRESSION = "snappy"
 
-AVRO_SCHEMA = fastavro.parse_schema(
-    {
-        "type": "record",
-        "name": "SegmentChange",
-        "namespace": "audience.connectors",
-        "fields": [
-            {"name": "batch_id", "type": "string"},
-            {"name": "partition", "type": "int"},
-            {"name": "user_id", "type": "string"},
-            {"name": "segment_id", "type": "string"},
-            {"name": "op", "type": "string"},
-            {"name": "seq", "type": "long"},
-            {"name": "source_position", "type": "long"},
-            {"name": "part", "type": "int"},
-        ],
-    }
-)
+_AVRO_FIELDS: list[dict[str, Any]] = [
+    {"name": "batch_id", "type": "string"},
+    {"name": "partition", "type": "int"},
+    {"name": "user_id", "type": "string"},
+    {"name": "segment_id", "type": "string"},
+    {"name": "op", "type": "string"},
+    {"name": "seq", "type": "long"},
+    {"name": "source_position", "type": "long"},
+    {"name": "part", "type": "int"},
+]
+
+
+def _avro_schema(attributes: pa.Schema | None = None) -> Any:
+    """The changes' record, plus a nullable field per attribute (`_avro_type`)."""
+    extra = [] if attributes is None else [
+        {"name": f.name, "type": ["null", _avro_type(f.type)], "default": None}
+        for f in attributes]
+    return fastavro.parse_schema({"type": "record", "name": "SegmentChange",
+                                  "namespace": "audience.connectors",
+                                  "fields": [*_AVRO_FIELDS, *extra]})
+
+
+def _avro_type(kind: pa.DataType) -> Any:
+    """The Avro type of an Arrow attribute type; "string" for anything Avro has no type for
+    (its values are then written as text)."""
+    if pa.types.is_boolean(kind):
+        return "boolean"
+    if pa.types.is_integer(kind):
+        return "int" if kind.bit_width < 32 or kind == pa.int32() else "long"
+    if pa.types.is_float64(kind):
+        return "double"
+    if pa.types.is_floating(kind):
+        return "float"
+    if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+        return "bytes"
+    if pa.types.is_date(kind):
+        return {"type": "int", "logicalType": "date"}
+    if pa.types.is_timestamp(kind):
+        local = "" if kind.tz else "local-"
+        unit = "millis" if kind.unit in ("s", "ms") else "micros"
+        return {"type": "long", "logicalType": f"{local}timestamp-{unit}"}
+    if pa.types.is_decimal(kind) and kind.precision <= 38:
+        return {"type": "bytes", "logicalType": "decimal", "precision": kind.precision,
+                "scale": kind.scale}
+    return "string"
+
+
+AVRO_SCHEMA = _avro_schema()
+
+
+def _avro_columns(attributes: pa.Table) -> list[list[Any]]:
+    """Per attribute, its values as fastavro takes them for its `_avro_type`."""
+    columns = []
+    for f, column in zip(attributes.schema, attributes.columns, strict=True):
+        if _avro_type(f.type) == "string" and not pa.types.is_string(f.type):
+            column = as_type(column, pa.string())
+        columns.append(column.to_pylist())
+    return columns
+
 
 # The C string escaper json.dumps(ensure_ascii=False) itself uses.
 _json_str = json.encoder.encode_basestring  # type: ignore[attr-defined]
@@ -65,8 +109,12 @@ def _check_format(fmt: str) -> str:
 def _rows(changes: ChangeSet) -> Iterator[dict[str, Any]]:
     # A generator keeps one dict alive at a time; key order is the JSON key order.
     batch_id, partition = changes.batch_id, changes.partition
-    for user_id, segment_id, op, seq, source_position, part in changes.rows():
-        yield {
+    extra = changes.output_attributes()
+    names = () if extra is None else tuple(extra.column_names)
+    values = zip(*_avro_columns(extra), strict=True) if extra is not None else repeat(())
+    for (user_id, segment_id, op, seq, source_position, part), attrs in zip(
+            changes.rows(), values, strict=False):
+        row = {
             "batch_id": batch_id,
             "partition": partition,
             "user_id": user_id,
@@ -76,6 +124,9 @@ def _rows(changes: ChangeSet) -> Iterator[dict[str, Any]]:
             "source_position": source_position,
             "part": part,
         }
+        if names:
+            row.update(zip(names, attrs, strict=True))
+        yield row
 
 
 def avro_sync_marker(changes: ChangeSet) -> bytes:
@@ -87,9 +138,10 @@ def avro_sync_marker(changes: ChangeSet) -> bytes:
 
 def _encode_avro(changes: ChangeSet) -> bytes:
     buf = io.BytesIO()
+    extra = changes.output_attributes()
     fastavro.writer(
         buf,
-        AVRO_SCHEMA,
+        AVRO_SCHEMA if extra is None else _avro_schema(extra.schema),
         _rows(changes),
         codec=AVRO_CODEC,
         sync_marker=avro_sync_marker(changes),
@@ -105,11 +157,38 @@ def _encode_jsonl(changes: ChangeSet) -> bytes:
     head = (
         f'{{"batch_id":{_json_str(changes.batch_id)},"partition":{changes.partition:d},"user_id":'
     )
+    extra = changes.output_attributes()
+    if extra is None:
+        return "".join(
+            f'{head}{_json_str(u)},"segment_id":{_json_str(s)},"op":"{o}","seq":{q:d},'
+            f'"source_position":{sp:d},"part":{part:d}}}\n'
+            for u, s, o, q, sp, part in changes.rows()
+        ).encode("utf-8")
+    tails = _json_attributes(extra)
     return "".join(
         f'{head}{_json_str(u)},"segment_id":{_json_str(s)},"op":"{o}","seq":{q:d},'
-        f'"source_position":{sp:d},"part":{part:d}}}\n'
-        for u, s, o, q, sp, part in changes.rows()
+        f'"source_position":{sp:d},"part":{part:d}{tail}}}\n'
+        for (u, s, o, q, sp, part), tail in zip(changes.rows(), tails, strict=True)
     ).encode("utf-8")
+
+
+def _json_attributes(attributes: pa.Table) -> list[str]:
+    """Per row, `,"name":value` for every attribute: JSON's own types for booleans and
+    numbers (NaN and infinities as null, which JSON lacks), text for the rest."""
+    parts: list[list[str]] = []
+    for f, column in zip(attributes.schema, attributes.columns, strict=True):
+        key = f",{_json_str(f.name)}:"
+        kind = f.type
+        if pa.types.is_boolean(kind) or pa.types.is_integer(kind):
+            values = [key + ("null" if v is None else json.dumps(v)) for v in column.to_pylist()]
+        elif pa.types.is_floating(kind):
+            values = [key + ("null" if v is None or not math.isfinite(v) else repr(float(v)))
+                      for v in column.to_pylist()]
+        else:
+            text = column if pa.types.is_string(kind) else as_type(column, pa.string())
+            values = [key + ("null" if v is None else _json_str(v)) for v in text.to_pylist()]
+        parts.append(values)
+    return ["".join(row) for row in zip(*parts, strict=True)]
 
 
 def _encode_parquet(changes: ChangeSet) -> bytes:

@@ -864,6 +864,7 @@ def _jsonl_fast(batch: list[bytes | None], rules: _Rules, first_row: int) -> Row
 def _jsonl_batch(batch: list[bytes | None], rules: _Rules, row: int) -> tuple[RowChunk, int]:
     out = _Builder(rules.file, with_attrs=True)
     loads, reject = json.loads, out.reject
+    kinds: dict[str, set[type]] = {}  # attribute -> JSON types of its values
     for line in batch:
         if line is None:
             row += 1
@@ -892,10 +893,32 @@ def _jsonl_batch(batch: list[bytes | None], rules: _Rules, row: int) -> tuple[Ro
             reject(row, clean, text)
         else:
             out.add(row, clean, attrs)
+            if attrs:
+                for key in attrs:
+                    kinds.setdefault(key, set()).add(type(obj[key]))
     chunk = out.chunk
     if not any(chunk.attributes or ()):  # no row of this chunk had extra keys
         chunk.attributes = None
+    else:
+        chunk.attribute_types = _json_types(kinds)
     return chunk, row
+
+
+def _json_types(kinds: dict[str, set[type]]) -> dict[str, Any]:
+    """The Arrow type of each attribute from the JSON types of its values in a chunk:
+    integers, numbers and booleans keep their type; strings, nested values and mixes are
+    text (nested ones as their JSON)."""
+    import pyarrow as pa
+
+    types: dict[str, Any] = {}
+    for key, seen in kinds.items():
+        if seen == {bool}:
+            types[key] = pa.bool_()
+        elif seen == {int}:
+            types[key] = pa.int64()
+        elif seen and seen <= {int, float}:
+            types[key] = pa.float64()
+    return types
 
 
 def _json_error(exc: ValueError) -> str:
@@ -1013,6 +1036,29 @@ def _arrow_strings(arr: pa.Array) -> list[str | None]:
 
 
 def _parquet_batch(batch: pa.RecordBatch, layout: _Layout, rules: _Rules, row: int) -> RowChunk:
+    chunk = _parquet_rows(batch, layout, rules, row)
+    if chunk.attributes is not None:
+        chunk.attribute_types = _parquet_types(batch, layout)
+    return chunk
+
+
+def _parquet_types(batch: pa.RecordBatch, layout: _Layout) -> dict[str, Any]:
+    """The file's type of each attribute that its text converts back to exactly (numbers,
+    booleans, dates and times, decimals); nested and binary values stay text."""
+    import pyarrow as pa
+
+    types: dict[str, Any] = {}
+    for name, i in zip(layout.attr_names, layout.attr_idx, strict=True):
+        kind = batch.schema.field(i).type
+        if pa.types.is_dictionary(kind):
+            kind = kind.value_type
+        if (pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind)
+                or pa.types.is_temporal(kind) or pa.types.is_decimal(kind)):
+            types[name] = kind
+    return types
+
+
+def _parquet_rows(batch: pa.RecordBatch, layout: _Layout, rules: _Rules, row: int) -> RowChunk:
     cols = [_arrow_strings(col) for col in batch.columns]
     if not any(col.null_count for col in batch.columns):
         texts = cast(list[list[str]], cols)  # no nulls: every value is a str

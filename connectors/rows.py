@@ -7,6 +7,7 @@ column values are what both the partitioner and fastavro's array encoder want.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 OPS = ("add", "remove")
 MODES = ("add", "remove", "replace")
@@ -40,6 +41,10 @@ class RowChunk:
     ops: list[str] = field(default_factory=list)
     # None when the file has no extra columns; else one dict per valid row.
     attributes: list[dict[str, str]] | None = None
+    # The type each attribute has in the file (a `pyarrow.DataType` by name), where the
+    # format has types: Parquet's own, JSON's for JSON Lines; the values above are their
+    # text, converted back when the importer packs them. Unnamed: strings.
+    attribute_types: dict[str, Any] = field(default_factory=dict)
     rejects: list[RejectedRow] = field(default_factory=list)
 
     def __len__(self) -> int:

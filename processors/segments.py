@@ -23,6 +23,7 @@ from typing import Any
 
 from processors.events import batch_event
 from streams.api import Input, Output, Table, TableSpec
+from topics import attributes
 from topics.columns import read_columns, write_columns
 from topics.spec import CHANGES, ROWS, SEGMENTS_CHANGELOG
 
@@ -205,7 +206,15 @@ class AudienceSegments:
         batches.set(batch_id, BatchProgress(max_seq, applied, progress.changes + len(out_users)))
         if not out_users:
             return []
-        return [self._changes(record, batch_id, out_users, out_segments, out_ops, out_seqs)]
+        attrs = None
+        if v.get(attributes.FIELD) is not None or v.get("attributes"):
+            # Only for files with attributes: the rows that became changes, by their seq
+            # (unique in a message), so the loop above stays as it is for the rest.
+            index_of = {seq: i for i, seq in enumerate(rows.seqs)}
+            attrs = attributes.pack(attributes.take(attributes.read(v, len(rows)),
+                                                    [index_of[seq] for seq in out_seqs]))
+        return [self._changes(record, batch_id, out_users, out_segments, out_ops, out_seqs,
+                              attrs=attrs)]
 
     def _end_marker(self, members: Table[Memberships], batches: Table[BatchProgress],
                     record: Input) -> list[Output]:
@@ -265,7 +274,10 @@ class AudienceSegments:
 
     @staticmethod
     def _changes(record: Input, batch_id: str, users: list[str], segments: list[str],
-                 ops: list[str], seqs: list[int], part: int = 0) -> Output:
+                 ops: list[str], seqs: list[int], part: int = 0,
+                 attrs: bytes | None = None) -> Output:
+        """`attrs`: the changes' attribute columns (packed); a replace's removals have none."""
         return Output(CHANGES, "SegmentChanges", {
             "batch_id": batch_id, "source_position": record.position, "part": part,
-            **write_columns(seqs, users, segments, ops)}, partition=record.partition)
+            **write_columns(seqs, users, segments, ops), attributes.FIELD: attrs},
+            partition=record.partition)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import sys
 import time
 from collections.abc import Callable
@@ -29,7 +30,16 @@ from connectors.rows import MODES, InputFileError
 from connectors.spool import import_in_progress
 from processors.pipeline_state import SUBMITTED, BatchStatus
 from streams.child_worker import ChildWorker, ChildWorkerDied
-from streams.pipeline import PROCESSOR_ROLES, ROLES, SINK_ROLES, Pipeline, check_roles, group_names
+from streams.pipeline import (
+    PROCESSOR_ROLES,
+    ROLES,
+    SINK_ROLES,
+    Pipeline,
+    check_roles,
+    group_names,
+    group_of,
+)
+from streams.progress import Progress, bytes_read
 from streams.settings import Settings, load_config_file, unknown_keys
 from streams.warehouse_wait import WarehouseBusy
 from topics.log import GroupBusyError, TopicError
@@ -272,20 +282,13 @@ def _import_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
-class Progress:
-    """Progress lines on stderr, at most one a second."""
-
-    def __init__(self, quiet: bool):
-        self.quiet = quiet
-        self.started = time.monotonic()
-        self._last = 0.0
-
-    def __call__(self, text: str, force: bool = False) -> None:
-        now = time.monotonic()
-        if self.quiet or (not force and now - self._last < 1.0):
-            return
-        self._last = now
-        click.echo(f"[{now - self.started:6.1f}s] {text}", err=True)
+def _regular_size(file: str) -> int | None:
+    """The size of a regular file (the import's ETA), None for standard input or a pipe."""
+    try:
+        info = os.stat(file)
+    except (OSError, ValueError):
+        return None
+    return info.st_size if stat.S_ISREG(info.st_mode) and info.st_size else None
 
 
 def _run_import(pipe: Pipeline, file: str, progress: Progress, **opts: Any) -> ImportResult:
@@ -298,7 +301,13 @@ def _run_import(pipe: Pipeline, file: str, progress: Progress, **opts: Any) -> I
         else:
             rows_read(f"reading {name}: {size / 1e6:,.1f} MB so far")
 
-    importer = pipe.importer(lambda n: rows_read(f"import: {n:,} rows read"), input_bytes)
+    size = _regular_size(file)
+
+    def rows_done(rows: int) -> None:
+        if progress.due():
+            progress.import_rows(rows, bytes_read(file) if size else None, size)
+
+    importer = pipe.importer(rows_done, input_bytes)
     try:
         request = pipe.import_request(file, **opts)
         return importer.run(request)
@@ -310,6 +319,8 @@ def _run_import(pipe: Pipeline, file: str, progress: Progress, **opts: Any) -> I
         raise Interrupted("interrupted during the import; nothing of it was published "
                           "unless it said so: run the same command again to finish the "
                           "batch") from None
+    finally:
+        progress.end()
 
 
 def _print_import(result: ImportResult) -> None:
@@ -386,7 +397,11 @@ def _run_to_the_end(ctx: click.Context, pipe: Pipeline, file: str, progress: Pro
 
         def tick(w: Any) -> None:
             sinks.check()
-            progress(", ".join(f"{name}: {n:,} messages" for name, n in w.processed.items()))
+            if progress.due():
+                behind = {} if not progress.tty else {
+                    role: sum(gp.lag for gp in pipe.log.group_positions(group_of(role)))
+                    for role in SINK_ROLES}
+                progress.phases(dict(w.processed), behind)
 
         if not worker.run(until=lambda: sinks.check() or done(), on_tick=tick,
                           timeout_s=timeout):
@@ -402,6 +417,7 @@ def _run_to_the_end(ctx: click.Context, pipe: Pipeline, file: str, progress: Pro
             f"{exc}; the batch is not finished: run the same command again to finish it"
         ) from None
     finally:
+        progress.end()
         sinks.stop()
 
 
@@ -431,6 +447,20 @@ def _age(ms: int | None) -> str:
     return f"{seconds:.0f}s"
 
 
+SUMMARY_SEGMENTS = 10
+
+
+def _segment_lines(segment_ops: dict[str, tuple[int, int]]) -> list[str]:
+    """A line per segment, the largest by rows first, at most SUMMARY_SEGMENTS of them: a
+    file naming thousands of segments must not flood the terminal."""
+    largest = sorted(segment_ops.items(), key=lambda item: (-sum(item[1]), item[0]))
+    lines = [f"segment     {segment}: {adds:,} add rows, {removes:,} remove rows"
+             for segment, (adds, removes) in largest[:SUMMARY_SEGMENTS]]
+    if len(largest) > SUMMARY_SEGMENTS:
+        lines.append(f"            ... and {len(largest) - SUMMARY_SEGMENTS:,} more segments")
+    return lines
+
+
 def _print_summary(status: BatchStatus, started: float, result: ImportResult) -> None:
     published = status.published_at is not None
     rows = (f"{status.rows:,} published, {status.rejected:,} rejected" if published
@@ -442,8 +472,7 @@ def _print_summary(status: BatchStatus, started: float, result: ImportResult) ->
         f"mode        {_MODE_WORDS.get(status.mode, status.mode)}",
         f"rows        {rows}",
     ]
-    for segment, (adds, removes) in sorted(result.segment_ops.items()):
-        lines.append(f"segment     {segment}: {adds:,} add rows, {removes:,} remove rows")
+    lines += _segment_lines(result.segment_ops)
     if published:
         lines += [f"partitions  {list(status.partition_counts)}",
                   f"changes     {status.changes:,} membership changes"]

@@ -590,3 +590,85 @@ def test_flag_beats_env_beats_config_file(tmp_path: Path) -> None:
     broken = streams("--config", str(tmp_path / "broken.toml"), "status", cwd=tmp_path)
     assert broken.returncode != 0 and "broken.toml" in broken.stderr
 
+
+
+# -------------------------------------------------------- attributes in the S3 objects
+
+
+def _s3_rows(data_dir: Path, fmt: str) -> list[dict[str, Any]]:
+    root = data_dir / "s3"
+    return [row for path in sorted(root.rglob(f"part-*.{fmt}"))
+            for row in decode_changes(path.read_bytes(), fmt)]
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "avro", "jsonl"])
+def test_attributes_reach_the_s3_objects_typed_from_the_file(tmp_path: Path, fmt: str) -> None:
+    """Parquet input keeps its types, JSON Lines its JSON types, CSV gives text; a row
+    without an attribute has null; a replace's removals carry nulls; the warehouse keeps
+    memberships only."""
+    when = pa.scalar(1_700_000_000_000_000, pa.timestamp("us", tz="UTC")).as_py()
+    inputs = {
+        "in.parquet": lambda p: pq.write_table(pa.table({
+            "user_id": ["u1", "u2", "u3"], "country": ["DE", None, "FR"],
+            "score": pa.array([7, 8, None], pa.int64()), "ratio": [0.5, 1.25, 2.0],
+            "seen": pa.array([when, when, None], pa.timestamp("us", tz="UTC"))}), p),
+        "in.jsonl": lambda p: p.write_text(
+            '{"user_id": "u1", "country": "DE", "score": 7, "vip": true}\n'
+            '{"user_id": "u2", "score": 8, "vip": false}\n'
+            '{"user_id": "u3", "country": "FR", "vip": true}\n', encoding="utf-8"),
+        "in.csv": lambda p: p.write_text("user_id,country,score\nu1,DE,7\nu2,,8\nu3,FR,\n",
+                                         encoding="utf-8"),
+    }
+    expected = {
+        "in.parquet": {"u1": {"country": "DE", "score": 7, "ratio": 0.5, "seen": when},
+                       "u2": {"country": None, "score": 8, "ratio": 1.25, "seen": when},
+                       "u3": {"country": "FR", "score": None, "ratio": 2.0, "seen": None}},
+        "in.jsonl": {"u1": {"country": "DE", "score": 7, "vip": True},
+                     "u2": {"country": None, "score": 8, "vip": False},
+                     "u3": {"country": "FR", "score": None, "vip": True}},
+        "in.csv": {"u1": {"country": "DE", "score": "7"}, "u2": {"country": "", "score": "8"},
+                   "u3": {"country": "FR", "score": ""}},
+    }
+    for name, write in inputs.items():
+        data = tmp_path / f"{name}-{fmt}" / "data"
+        data.parent.mkdir()
+        path = tmp_path / name
+        write(path)
+        run_cli("--s3-format", fmt, "run", str(path), "--segment", "s", "--mode", "replace",
+                "-q", data_dir=data)
+        rows = _s3_rows(data, fmt)
+        got = {r["user_id"]: {k: r[k] for k in expected[name]["u1"]} for r in rows}
+        if fmt == "jsonl" and name == "in.parquet":  # JSON has no timestamps: text
+            for attrs in expected[name].values():
+                if attrs["seen"] is not None:
+                    attrs["seen"] = "2023-11-14 22:13:20.000000Z"
+        if fmt == "avro" and name == "in.parquet":
+            for attrs in got.values():  # fastavro reads timestamp-micros as aware UTC
+                assert attrs["seen"] is None or attrs["seen"].tzinfo is not None
+        assert got == expected[name], (name, fmt)
+        # A replace that lists only u3 removes u1 and u2 at its end marker: null attributes.
+        again = tmp_path / f"again-{fmt}-{name.replace('.', '-')}.csv"
+        again.write_text("user_id,country\nu3,FR\n", encoding="utf-8")
+        run_cli("--s3-format", fmt, "run", str(again), "--segment", "s", "--mode", "replace",
+                "-q", data_dir=data)
+        removals = [r for r in _s3_rows(data, fmt) if r["seq"] == -1]
+        assert sorted(r["user_id"] for r in removals) == ["u1", "u2"]
+        # (an object holding only removals has no attribute columns: null for its readers)
+        assert all(r.get("country") is None for r in removals)
+        con = duckdb.connect(str(data / "warehouse.duckdb"), read_only=True)
+        try:
+            columns = [c[0] for c in con.execute("DESCRIBE segment_members").fetchall()]
+        finally:
+            con.close()
+        assert columns == ["segment_id", "user_id", "batch_id", "updated_seq"]
+
+
+def test_files_without_attributes_write_no_attribute_columns(tmp_path: Path) -> None:
+    path = write_csv(tmp_path / "in.csv", [("u1", "s", "add"), ("u2", "s", "add")])
+    data = tmp_path / "data"
+    run_cli("run", str(path), "-q", data_dir=data)
+    objects = list((data / "s3").rglob("part-*.parquet"))
+    assert objects
+    for obj in objects:
+        assert pq.read_schema(obj).names == ["batch_id", "partition", "user_id", "segment_id",
+                                             "op", "seq", "source_position", "part"]

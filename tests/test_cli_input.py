@@ -310,3 +310,95 @@ def test_data_dir_of_another_user_is_named(tmp_path: Path,
     with pytest.raises(ValueError, match=r"--data-dir .*: cannot write there \(Permission "
                        r"denied; it belongs to root\); expected a directory this user"):
         Settings(data_dir=tmp_path).check_data_dir()
+
+
+# ------------------------------------------------------------------ progress and summary
+
+
+def test_progress_plain_lines_when_not_a_terminal() -> None:
+    import io
+
+    from streams.progress import Progress
+
+    out = io.StringIO()
+    progress = Progress(quiet=False, stream=out, tty=False)
+    progress.import_rows(50_000, 10, 100)
+    progress.import_rows(60_000, 20, 100)  # within the second: not shown
+    progress.phases({"segments": 12, "pipeline": 3}, {})
+    progress("forced", force=True)
+    progress.end()
+    lines = out.getvalue().splitlines()
+    assert [line.split("] ", 1)[1] for line in lines] == ["import: 50,000 rows read", "forced"]
+    assert "\r" not in out.getvalue() and "\x1b" not in out.getvalue()
+    quiet = io.StringIO()
+    silent = Progress(quiet=True, stream=quiet, tty=True)
+    silent.import_rows(1, 1, 2)
+    silent("x", force=True)
+    silent.end()
+    assert quiet.getvalue() == ""
+
+
+def test_progress_bar_on_a_terminal_redraws_one_line_and_ends_it() -> None:
+    import io
+
+    from streams import progress as progress_module
+    from streams.progress import Progress
+
+    out = io.StringIO()
+    progress = Progress(quiet=False, stream=out, tty=True)
+    progress.import_rows(1_000, 250, 1_000)
+    progress_module.time.sleep(progress_module.TTY_INTERVAL_S)  # the redraw interval
+    progress.phases({"segments": 4}, {"s3": 2, "warehouse": 0})
+    progress.end()
+    text = out.getvalue()
+    first, second = text.split("\r")[1:]
+    assert "import    [######------------------]  25%  1,000 rows" in first
+    assert "rows/s" in first and "ETA" in first and first.endswith("\x1b[K")
+    assert "segments: 4 messages" in second and "s3 2 behind" in second
+    assert "warehouse caught up" in second and second.endswith("\x1b[K\n")
+
+
+def test_run_on_a_terminal_renders_the_bar_and_ends_cleanly(tmp_path: Path) -> None:
+    """stderr on a pseudo-terminal: the bar draws in place (carriage returns), the line is
+    ended before the run exits, and the summary (stdout) is whole."""
+    import pty
+    import select
+
+    rows = random_rows(150_000, users=100_000, segments=3, seed=4)
+    path = write_csv(tmp_path / "big.csv", rows)
+    data = tmp_path / "data"
+    leader, follower = pty.openpty()
+    env = {**os.environ, "STREAMS_DATA_DIR": str(data), "COLUMNS": "160"}
+    proc = subprocess.Popen([sys.executable, "-m", "streams", "run", str(path)],
+                            stdout=subprocess.PIPE, stderr=follower, env=env, cwd=tmp_path)
+    os.close(follower)
+    chunks: list[bytes] = []
+    while True:  # bounded: the child exits (and the pty closes) or communicate times out
+        ready, _, _ = select.select([leader], [], [], 120)
+        if not ready:
+            break
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    stdout, _ = proc.communicate(timeout=120)
+    os.close(leader)
+    terminal = b"".join(chunks).decode("utf-8", "replace")
+    assert proc.returncode == 0, terminal
+    assert "] import    [" in terminal and "rows/s" in terminal and "\r[" in terminal
+    assert "\x1b[K" in terminal and "Traceback" not in terminal
+    assert terminal.endswith("\n")  # the bar's line was ended
+    assert b"status      closed" in stdout
+
+
+def test_summary_shows_the_ten_largest_segments(tmp_path: Path) -> None:
+    rows = [(f"u{i}-{s}", f"seg-{s:02d}", "add") for s in range(15) for i in range(s + 1)]
+    path = write_csv(tmp_path / "many.csv", rows)
+    out = run_cli("run", str(path), "-q", data_dir=tmp_path / "data").stdout
+    segments = [line for line in out.splitlines() if line.startswith("segment ")]
+    assert [line.split()[1] for line in segments] == [f"seg-{s:02d}:" for s in
+                                                      range(14, 4, -1)]
+    assert "            ... and 5 more segments" in out.splitlines()

@@ -10,13 +10,14 @@ from importlib import resources
 from typing import Any
 
 import fastavro
+import pyarrow as pa
 import pytest
 from fastavro.schema import to_parsing_canonical_form
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kafka.partitioner.default import murmur2 as kafka_murmur2
 
-from topics import codec
+from topics import attributes, codec
 from topics.codec import REGISTRY, SchemaError, SchemaRegistry, decode, encode
 from topics.columns import read_columns, write_columns
 from topics.partitioner import murmur2, partition_for
@@ -80,6 +81,8 @@ SAMPLES: dict[str, dict[str, Any]] = {
                         ["add", "remove", "add"]),
         **_LEGACY_EMPTY,
         "attributes": [{"k": "v"}, {}, {"x": "y", "z": ""}],
+        "attribute_columns": attributes.pack(pa.table({"plan": ["a", None, "b"],
+                                                       "n": [1, 2, None]})),
     },
     "BatchEvent": {
         "batch_id": "b-1", "kind": "published", "at_ms": 1_700_000_000_000, "source": "s3://b/k",
@@ -102,7 +105,8 @@ SAMPLES: dict[str, dict[str, Any]] = {
                   "segments": ["s1", "s2"], "source_position": 99, "epoch": 1},
     "SegmentChanges": {"batch_id": "b-1", "source_position": 40, "part": 0,
                        **write_columns([-1], ["u1"], ["s1"], ["remove"]), **_LEGACY_EMPTY,
-                       "epoch": 1},
+                       "epoch": 1,
+                       "attribute_columns": attributes.pack(pa.table({"plan": ["x"]}))},
 }
 
 
@@ -154,7 +158,8 @@ def test_v1_audience_rows_is_read_with_defaults() -> None:
     assert data[:10] != encode("AudienceRows", SAMPLES["AudienceRows"])[:10]  # another writer
     name, value = decode(data)
     assert name == "AudienceRows"
-    assert value == {**old, "mode": "add", "attributes": None, "segment_column": _NO_DICT,
+    assert value == {**old, "mode": "add", "attributes": None, "attribute_columns": None,
+                     "segment_column": _NO_DICT,
                      "op_column": _NO_DICT, "count": 0, "user_id_column": "",
                      # fastavro fills a bytes default as the schema's JSON string: count 0
                      # says the packed columns are empty, so nothing reads them
@@ -176,6 +181,21 @@ def test_dictionary_column_writers_are_read_as_columns(history: str) -> None:
     rows = read_columns(value)
     assert (rows.seqs, rows.user_ids, rows.segment_ids, rows.ops) == (
         [5, 9, -1], ["u1", "u2", "u3"], ["s2", "s1", "s2"], ["add", "add", "remove"])
+
+
+@pytest.mark.parametrize("history", ["AudienceRows.v3", "SegmentChanges.v4"])
+def test_writers_before_attribute_columns_are_read_without_them(history: str) -> None:
+    old = {"batch_id": "old-3", "mode": "add", "source_position": 7,
+           **write_columns([5], ["u1"], ["s1"], ["add"]), **_LEGACY_EMPTY}
+    if history.startswith("AudienceRows"):
+        old["attributes"] = [{"plan": "gold"}]
+    _name, value = decode(_written_by(history, old))
+    assert value["attribute_columns"] is None
+    table = attributes.read(value, 1)
+    if history.startswith("AudienceRows"):  # the old string maps, as a text column
+        assert table is not None and table.to_pylist() == [{"plan": "gold"}]
+    else:
+        assert table is None
 
 
 def test_history_writer_without_a_current_reader() -> None:

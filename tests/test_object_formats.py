@@ -309,3 +309,78 @@ def test_manifest_of_no_objects_and_bad_input() -> None:
         encode_manifest(dup, batch_id="b2", fmt="avro")
     with pytest.raises(ValueError, match="unknown object format"):
         encode_manifest([], batch_id="b2", fmt="csv")
+
+
+# -- attributes -------------------------------------------------------------------------
+
+
+def test_attributes_of_messages_combine_with_nulls_and_widened_types() -> None:
+    import pyarrow as pa
+
+    from connectors.change_set import combine_attributes
+
+    first = pa.table({"plan": ["a", "b"], "n": pa.array([1, 2], pa.int64())})
+    second = pa.table({"n": [0.5], "extra": [["x"]]})  # n a float here, a nested column
+    third = pa.table({"plan": pa.array([3], pa.int64())})  # plan a number: text
+    combined = combine_attributes([(2, first), (1, None), (1, second), (1, third)])
+    assert combined is not None
+    assert combined.schema.names == ["plan", "n", "extra"]
+    assert combined.schema.field("n").type == pa.float64()
+    assert combined.schema.field("plan").type == pa.string()
+    assert combined.to_pylist() == [
+        {"plan": "a", "n": 1.0, "extra": None}, {"plan": "b", "n": 2.0, "extra": None},
+        {"plan": None, "n": None, "extra": None},  # a replace's removals: nulls
+        {"plan": None, "n": 0.5, "extra": ["x"]}, {"plan": "3", "n": None, "extra": None}]
+    assert combine_attributes([(3, None)]) is None
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_attributes_are_columns_of_every_format(fmt: str) -> None:
+    import pyarrow as pa
+
+    attrs = pa.table({"country": ["DE", None], "score": pa.array([7, None], pa.int64()),
+                      "ok": [True, False], "seq": ["shadowed", "x"], "tags": [["a"], None]})
+    changes = ChangeSet.from_lists("b", 1, 5, ["u1", "u2"], ["s", "s"], ["add", "remove"],
+                                   [1, -1], attributes=attrs)
+    rows = decode_changes(encode_changes(changes, fmt), fmt)
+    assert [r["seq"] for r in rows] == [1, -1]  # the change's own seq is not shadowed
+    assert [r["attr_seq"] for r in rows] == ["shadowed", "x"]
+    assert [(r["country"], r["score"], r["ok"]) for r in rows] == [("DE", 7, True),
+                                                                   (None, None, False)]
+    tags = [r["tags"] for r in rows]
+    assert tags == ([["a"], None] if fmt == "parquet" else ['["a"]', None])
+    # deterministic: same change set, same bytes
+    assert encode_changes(changes, fmt) == encode_changes(changes, fmt)
+
+
+def test_attributes_follow_the_changes_through_the_segments_processor() -> None:
+    """Only rows that change a membership become changes, each with its own attributes;
+    a replace's removals at the end marker have none."""
+    import pyarrow as pa
+
+    from connectors.change_set import record_attributes
+    from processors.segments import AudienceSegments
+    from streams.api import Input
+    from streams.state.store import PartitionStore
+    from topics import attributes
+
+    processor, store = AudienceSegments(), PartitionStore(AudienceSegments.tables)
+    old = {"batch_id": "b0", "mode": "add", **write_columns([1], ["u9"], ["s"], ["add"])}
+    processor.process(store.views, Input("AudienceRows", old, 0, 1, 0))
+    processor.process(store.views, Input("EndMarker", {
+        "batch_id": "b0", "partition": 0, "count": 1, "total": 1, "mode": "add",
+        "segments": ["s"], "source_position": -1}, 0, 2, 0))
+    rows = {"batch_id": "b1", "mode": "replace",
+            **write_columns([1, 2, 3], ["u1", "u1", "u2"], ["s", "s", "s"],
+                            ["add", "add", "add"]),
+            attributes.FIELD: attributes.pack(pa.table({"plan": ["a", "dup", "c"]}))}
+    (out,) = processor.process(store.views, Input("AudienceRows", rows, 0, 3, 0))
+    assert out.value["count"] == 2  # u1's second add changes nothing
+    assert record_attributes(out.value, 2).to_pylist() == [{"plan": "a"}, {"plan": "c"}]
+    outs = processor.process(store.views, Input("EndMarker", {
+        "batch_id": "b1", "partition": 0, "count": 3, "total": 3, "mode": "replace",
+        "segments": ["s"], "source_position": -1}, 0, 4, 0))
+    (removal,) = [o for o in outs if o.schema == "SegmentChanges"]
+    assert removal.value["user_id_column"] == "u9"
+    assert record_attributes(removal.value, 1) is None
+    decode(encode("SegmentChanges", removal.value))  # the value is what the schema holds
