@@ -6,7 +6,7 @@ when it closes (batch, partition), that partition's `_manifest.json` (a Redshift
 manifest with content_length). The Redshift warehouse writes nothing to S3: it assumes the
 S3 sink runs with the same --s3-root, --s3-prefix and --s3-format parquet, and has closed a
 (batch, partition) before the warehouse merges it (a COPY of a manifest or object not yet
-there fails, and the merge is retried with backoff). So stage() only notes the chunk, and
+there fails the merge: nothing waits for the S3 sink yet). So stage() only notes the chunk, and
 the merge at the end marker of (B, p), in one transaction:
 
 1. LOCK load_ledger (Redshift enforces no primary key: the lock makes the ledger check and
