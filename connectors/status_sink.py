@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from connectors.warehouse import DuckDBWarehouse
+from connectors.warehouses.base import Warehouse
 from streams.api import Input, Output
 from topics.spec import BATCH_STATUS
 
@@ -17,7 +17,7 @@ class StatusTableSink:
     name = "warehouse-status"
     topic = BATCH_STATUS
 
-    def __init__(self, warehouse: DuckDBWarehouse):
+    def __init__(self, warehouse: Warehouse):
         self.warehouse = warehouse
 
     def stamp(self, record: Input) -> tuple[int, int]:

@@ -5,13 +5,13 @@ records the (batch, partition) in the load ledger, so each change is applied onc
 from __future__ import annotations
 
 from connectors.change_set import ChangeSet
-from connectors.warehouse import DuckDBWarehouse
+from connectors.warehouses.base import Warehouse
 
 
 class WarehouseSink:
     name = "warehouse"
 
-    def __init__(self, warehouse: DuckDBWarehouse):
+    def __init__(self, warehouse: Warehouse):
         self.warehouse = warehouse
 
     def write_chunk(self, changes: ChangeSet) -> None:
@@ -20,7 +20,7 @@ class WarehouseSink:
     def close_partition(self, batch_id: str, partition: int, partitions: int,
                         end_position: int) -> str:
         self.warehouse.merge(batch_id, partition, end_position)
-        return f"duckdb://{self.warehouse.path.resolve()}#segment_members"
+        return self.warehouse.location()
 
     def reset_partition(self, partition: int) -> None:
         self.warehouse.drop_staged(partition)

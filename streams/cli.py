@@ -74,8 +74,15 @@ GROUP_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
                            help="Format of the objects the S3 sink writes.")),
     (("--s3-root",), dict(type=click.Path(file_okay=False), default=None,
                          help="Local object store root [default: DATA_DIR/s3].")),
-    (("--warehouse",), dict(type=click.Path(dir_okay=False), default=None,
-                           help="DuckDB file [default: DATA_DIR/warehouse.duckdb].")),
+    (("--warehouse",), dict(default=None,
+                           help="A DuckDB file or duckdb:///PATH, postgresql://... or "
+                                "redshift://... [default: DATA_DIR/warehouse.duckdb].")),
+    (("--warehouse-max-connections",), dict(type=click.IntRange(1), default=2,
+                                           help="PostgreSQL/Redshift: connections per worker "
+                                                "(the pool's bound).")),
+    (("--warehouse-iam-role",), dict(default="",
+                                    help="Redshift: IAM role ARN its COPY reads the S3 "
+                                         "sink's objects with.")),
     (("--warehouse-threads",), dict(type=click.IntRange(1), default=1,
                                    help="DuckDB threads of the warehouse sink: its merges are "
                                         "per (batch, partition) and leave the other cores to "

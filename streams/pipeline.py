@@ -32,7 +32,7 @@ from topics.log import Log
 from topics.spec import CHANGES, DEAD_LETTER, SPECS
 
 if TYPE_CHECKING:
-    from connectors.warehouse import DuckDBWarehouse
+    from connectors.warehouses.base import Warehouse
 
 # The sinks' modules (pyarrow, DuckDB) are imported by the roles that need them: a process
 # that only imports or only runs processors starts faster without them.
@@ -73,7 +73,7 @@ class Pipeline:
         self.settings = settings
         self.log: Log = open_log(settings.log_url, **settings.log_options())
         self.log.ensure_topics(list(SPECS.values()))
-        self._warehouse: DuckDBWarehouse | None = None
+        self._warehouse: Warehouse | None = None
         self._snapshots: SnapshotStore | None = None
 
     @property
@@ -89,18 +89,27 @@ class Pipeline:
         return self._snapshots
 
     @property
-    def warehouse(self) -> DuckDBWarehouse:
-        from connectors.warehouse import DuckDBWarehouse, is_transient
-
+    def warehouse(self) -> Warehouse:
         if self._warehouse is None:
-            s = self.settings
-            s.warehouse_path.parent.mkdir(parents=True, exist_ok=True)
-            self._warehouse = open_waiting(
-                lambda: DuckDBWarehouse(s.warehouse_path, threads=s.warehouse_threads,
-                                        memory_limit=s.warehouse_memory_limit),
-                s.warehouse_path, s.warehouse_lock_timeout_s,
-                is_lock=lambda exc: exc.__cause__ is not None and is_transient(exc.__cause__))
+            self._warehouse = self._open_warehouse()
         return self._warehouse
+
+    def _open_warehouse(self) -> Warehouse:
+        from connectors.warehouses import open_warehouse
+
+        s = self.settings
+        if s.warehouse_dialect != "duckdb":
+            # A server: many workers write at once, each through its own bounded pool.
+            return open_warehouse(s.warehouse_url, **s.warehouse_options())
+        from connectors.warehouses.duckdb import is_transient
+
+        path = s.warehouse_path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open_waiting(
+            lambda: open_warehouse(str(path), threads=s.warehouse_threads,
+                                   memory_limit=s.warehouse_memory_limit),
+            path, s.warehouse_lock_timeout_s,
+            is_lock=lambda exc: exc.__cause__ is not None and is_transient(exc.__cause__))
 
     def import_request(self, path: str, **options: Any) -> ImportRequest:
         return ImportRequest(

@@ -29,7 +29,13 @@ class Settings:
     s3_format: str = "parquet"  # avro | jsonl | parquet
     s3_root: Path | None = None  # local object store root; default <data_dir>/s3
     s3_prefix: str = "audience/segment-changes"
-    warehouse: Path | None = None  # DuckDB file; default <data_dir>/warehouse.duckdb
+    # A DuckDB path or duckdb:///path (default <data_dir>/warehouse.duckdb),
+    # postgresql://... or redshift://... (connectors/warehouses).
+    warehouse: str | None = None
+    # PostgreSQL / Redshift: connections per worker process (its pool's bound).
+    warehouse_max_connections: int = 2
+    # Redshift: the IAM role its COPY reads the S3 sink's objects with.
+    warehouse_iam_role: str = ""
     warehouse_threads: int = 1
     warehouse_memory_limit: str = ""  # DuckDB's memory_limit; "" keeps DuckDB's default
     max_rejects: str = "1%"
@@ -68,6 +74,13 @@ class Settings:
                 _key_value(item)
             except ValueError as exc:
                 found.append(str(exc))
+        try:
+            self.warehouse_dialect  # noqa: B018 (raises for an unknown scheme)
+        except ValueError as exc:
+            found.append(str(exc))
+        if self.warehouse_max_connections < 1:
+            found.append(f"--warehouse-max-connections {self.warehouse_max_connections}: "
+                         "expected 1 or more")
         if self.warehouse_lock_timeout_s < 0:
             found.append(f"--warehouse-lock-timeout-s {self.warehouse_lock_timeout_s}: "
                          "expected 0 or more seconds")
@@ -124,8 +137,30 @@ class Settings:
         return self.state_root or self.data_dir / "state"
 
     @property
+    def warehouse_url(self) -> str:
+        return self.warehouse or str(self.data_dir / "warehouse.duckdb")
+
+    @property
+    def warehouse_dialect(self) -> str:
+        from connectors.warehouses import dialect_of
+
+        return dialect_of(self.warehouse_url)
+
+    @property
     def warehouse_path(self) -> Path:
-        return self.warehouse or self.data_dir / "warehouse.duckdb"
+        """The DuckDB file (with the DuckDB dialect)."""
+        from connectors.warehouses import duckdb_path
+
+        return duckdb_path(self.warehouse_url)
+
+    def warehouse_options(self) -> dict[str, Any]:
+        """Constructor options of a server warehouse (PostgreSQL, Redshift)."""
+        options: dict[str, Any] = {"max_connections": self.warehouse_max_connections}
+        if self.warehouse_dialect == "redshift":
+            # By convention the warehouse reads the S3 sink's objects where it writes them.
+            options.update(s3_root=str(self.s3_root or ""), prefix=self.s3_prefix,
+                           fmt=self.s3_format, iam_role=self.warehouse_iam_role)
+        return options
 
     @property
     def spool_dir(self) -> Path:

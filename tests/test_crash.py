@@ -37,7 +37,7 @@ import pytest
 
 from connectors.object_formats import decode_changes, extension
 from connectors.status_sink import StatusTableSink
-from connectors.warehouse import DuckDBWarehouse
+from connectors.warehouses.duckdb import DuckDBWarehouse
 from streams.api import Input
 from streams.outputs import OutputWriter
 from streams.sink_task import SinkTask

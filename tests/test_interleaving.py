@@ -29,8 +29,8 @@ from connectors.change_sink import ChangeSink
 from connectors.object_store import LocalObjectStore
 from connectors.s3_fold import fold_objects
 from connectors.s3_sink import S3Sink
-from connectors.warehouse import DuckDBWarehouse
 from connectors.warehouse_sink import WarehouseSink
+from connectors.warehouses.duckdb import DuckDBWarehouse
 from processors.segments import AudienceSegments
 from streams.outputs import OutputWriter
 from streams.processor_task import ProcessorTask

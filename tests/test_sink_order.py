@@ -15,8 +15,8 @@ from connectors.change_sink import ChangeSink
 from connectors.object_store import LocalObjectStore
 from connectors.s3_fold import fold_objects
 from connectors.s3_sink import S3Sink
-from connectors.warehouse import DuckDBWarehouse
 from connectors.warehouse_sink import WarehouseSink
+from connectors.warehouses.duckdb import DuckDBWarehouse
 from streams.api import Input, Output
 from streams.outputs import OutputWriter
 from streams.sink_task import SinkTask

@@ -16,13 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from connectors.change_set import ChangeSet
-from connectors.warehouse import (
-    DuckDBWarehouse,
-    LedgerRow,
-    LoadResult,
-    WarehouseError,
-    is_transient,
-)
+from connectors.warehouses.base import LedgerRow, LoadResult, WarehouseError
+from connectors.warehouses.duckdb import DuckDBWarehouse, is_transient
 
 Change = tuple[str, str, str, int]  # (user_id, segment_id, op, seq)
 

@@ -1,31 +1,35 @@
-"""Warehouse sink on DuckDB: bulk staging from Arrow, then one merge transaction per load.
-
-Merge in log order: batches may interleave on a partition, and the segments processor
-folds their changes in log order, so the merge at the end marker of (batch, partition)
-applies every staged change of the partition, of any batch, at or below the marker's
-source position, ordered by (source_position, part, row). The same transaction records the
-(batch, partition) in the load ledger and the partition's merge watermark (that source
-position). Changes at or below the watermark are not staged again (a batch re-read after a
-crash), and a merge at or below it does nothing: each change lands exactly once.
-"""
+"""DuckDB warehouse (the default): bulk staging from Arrow into a TEMP table, then one
+merge transaction per load. One writer at a time: DuckDB locks its file, so one process
+runs the warehouse role (streams/warehouse_wait.py makes others wait). The merge rules
+are the shared ones (connectors/warehouses/base.py)."""
 
 from __future__ import annotations
 
 import contextlib
-import json
-import random
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import duckdb
 import pyarrow as pa
 
 from connectors.change_set import ChangeSet
+from connectors.warehouses.base import (
+    LEDGER_ALL,
+    SEGMENT_TABLES,
+    STATUS_COLUMNS,
+    TIMESTAMP_COLUMNS,
+    LedgerRow,
+    LoadResult,
+    Tx,
+    chunk_bounds,
+    merge_once,
+    rows_to_stage,
+    status_table,
+    with_retries,
+)
 
 T = TypeVar("T")
 
@@ -98,29 +102,6 @@ _SCHEMA = (
     """,
 )
 
-STATUS_COLUMNS = (
-    "batch_id",
-    "status",
-    "rows",
-    "rejected",
-    "partitions",
-    "submitted_at",
-    "published_at",
-    "closed_at",
-    "failed_at",
-    "error",
-    "detail",
-)
-_STATUS_TYPES = {
-    "batch_id": pa.string(),
-    "status": pa.string(),
-    "rows": pa.int64(),
-    "rejected": pa.int64(),
-    "partitions": pa.int32(),
-    "error": pa.string(),
-    "detail": pa.string(),
-}
-_TIMESTAMP_COLUMNS = ("submitted_at", "published_at", "closed_at", "failed_at")
 
 # Last change per (segment, user) among the staged changes of one partition up to an end
 # marker (`_merging`: which rows, and the batch of each load), in log order: by source
@@ -170,30 +151,6 @@ _INSERT_ADDED = """
 """
 
 
-class WarehouseError(Exception):
-    """A warehouse operation failed for good; the message names the database file."""
-
-
-@dataclass(frozen=True, slots=True)
-class LoadResult:
-    """Outcome of merge(); counts are read back from the ledger when already loaded."""
-
-    batch_id: str
-    partition: int
-    rows_loaded: int  # staged changes applied, of any batch of the partition, in log order
-    added: int  # members that were absent and are now present
-    removed: int  # members that were present and are now absent
-    already_loaded: bool = False
-
-
-class LedgerRow(NamedTuple):
-    batch_id: str
-    partition: int
-    rows_loaded: int
-    added: int
-    removed: int
-    loaded_at: datetime  # UTC, naive
-
 
 def is_transient(exc: BaseException) -> bool:
     """Errors worth retrying: a file lock held by another process, a write-write conflict."""
@@ -203,6 +160,19 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, duckdb.IOException | duckdb.ConnectionException):
         return "lock" in text
     return False
+
+
+class _DuckTx:
+    """The shared rules' view of a DuckDB transaction (DuckDB takes `?` as is)."""
+
+    def __init__(self, con: duckdb.DuckDBPyConnection):
+        self.con = con
+
+    def rows(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self.con.execute(sql, list(params)).fetchall()
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> None:
+        self.con.execute(sql, list(params))
 
 
 class DuckDBWarehouse:
@@ -237,28 +207,20 @@ class DuckDBWarehouse:
             try:
                 self._retry(f"setting memory_limit to {memory_limit!r}",
                             lambda: self._con.execute("SET memory_limit = ?", [memory_limit]))
-            except WarehouseError:
+            except Exception:
                 self._con.close()
                 raise
         self._transaction("create schema", self._create_schema)
 
+    def location(self) -> str:
+        return f"duckdb://{self.path.resolve()}#segment_members"
+
     # -- plumbing ---------------------------------------------------------------------
 
     def _retry(self, what: str, fn: Callable[[], T]) -> T:
-        for attempt in range(1, self._attempts + 1):
-            try:
-                return fn()
-            except duckdb.Error as exc:
-                if attempt < self._attempts and is_transient(exc):
-                    # Exponential backoff with jitter so competing workers spread out.
-                    delay = self._backoff_s * 2 ** (attempt - 1)
-                    self._sleep(delay * random.uniform(0.5, 1.0))
-                    continue
-                tries = f" after {attempt} attempts" if attempt > 1 else ""
-                raise WarehouseError(
-                    f"{what} failed on DuckDB database {self.path}{tries}: {exc}"
-                ) from exc
-        raise AssertionError("unreachable")  # the loop returns or raises
+        return with_retries(what, fn, transient=is_transient,
+                            describe=f"DuckDB database {self.path}", attempts=self._attempts,
+                            backoff_s=self._backoff_s, sleep=self._sleep, errors=duckdb.Error)
 
     def _transaction(
         self,
@@ -314,20 +276,13 @@ class DuckDBWarehouse:
         partition's merge watermark (merged already); staging it again replaces it."""
         if not len(changes):
             return
-        table = changes.columns.append_column(
-            "ordinal", pa.array(range(len(changes)), pa.int32())
-        )
-        first = (changes.first_position, changes.first_part)
-        last = (changes.columns["source_position"][-1].as_py(),
-                changes.columns["part"][-1].as_py())
+        (lo, lo_part), (hi, hi_part) = chunk_bounds(changes)
 
         def body(con: duckdb.DuckDBPyConnection) -> None:
-            merged = self._watermark(con, changes.partition)
-            if merged is not None and last[0] <= merged:
-                return  # a chunk re-sent after its merge committed: staging it would leak
+            table = rows_to_stage(_DuckTx(con), changes)
+            if table is None:
+                return
             load = self._load(changes.batch_id, changes.partition)
-            # The chunk's rows, if staged before: a (batch, partition)'s chunks cover
-            # disjoint runs of stamps, so its first and last stamps say which rows.
             con.execute(
                 """
                 DELETE FROM staged_changes
@@ -336,21 +291,22 @@ class DuckDBWarehouse:
                       BETWEEN $lo::HUGEINT * 4294967296 + $lo_part
                           AND $hi::HUGEINT * 4294967296 + $hi_part
                 """,
-                {"load": load, "lo": first[0], "lo_part": first[1], "hi": last[0],
-                 "hi_part": last[1]},
+                {"load": load, "lo": lo, "lo_part": lo_part, "hi": hi, "hi_part": hi_part},
             )
+            # Read by DuckDB's replacement scan of this local: which rows depends on the
+            # watermark read in this transaction, and a scan needs no unregister (which
+            # DuckDB refuses after a failed statement until ROLLBACK).
+            chunk_rows = table  # noqa: F841
             con.execute(
-                """
+                f"""
                 INSERT INTO staged_changes (load, source_position, part, ordinal, seq,
                                             user_id, segment_id, op)
-                SELECT $load, source_position, part, ordinal, seq, user_id, segment_id, op
-                FROM _chunk
-                WHERE source_position > $merged
-                """,
-                {"load": load, "merged": -1 if merged is None else merged},
+                SELECT {load}, source_position, part, ordinal, seq, user_id, segment_id, op
+                FROM chunk_rows
+                """
             )
 
-        self._transaction(f"stage {changes.batch_id}/{changes.partition}", body, {"_chunk": table})
+        self._transaction(f"stage {changes.batch_id}/{changes.partition}", body)
 
     def _load(self, batch_id: str, partition: int) -> int:
         """The number of an open (batch, partition) in staged_changes."""
@@ -365,13 +321,6 @@ class DuckDBWarehouse:
         loads = [(n, b) for (b, p), n in self._loads.items() if p == partition]
         return pa.table({"load": pa.array([n for n, _b in loads], pa.int32()),
                          "batch_id": pa.array([b for _n, b in loads], pa.string())})
-
-    @staticmethod
-    def _watermark(con: duckdb.DuckDBPyConnection, partition: int) -> int | None:
-        rows = con.execute(
-            "SELECT source_position FROM merge_watermark WHERE partition = ?", [partition]
-        ).fetchall()
-        return rows[0][0] if rows else None
 
     def watermark(self, partition: int) -> int | None:
         """The source position up to which the partition is merged (None: nothing yet)."""
@@ -407,37 +356,8 @@ class DuckDBWarehouse:
         order (last change per key wins), once."""
 
         def body(con: duckdb.DuckDBPyConnection) -> LoadResult:
-            done = con.execute(
-                "SELECT rows_loaded, added, removed FROM load_ledger"
-                " WHERE batch_id = ? AND partition = ?",
-                [batch_id, partition],
-            ).fetchall()
-            if done:
-                rows_loaded, added, removed = done[0]
-                return LoadResult(batch_id, partition, rows_loaded, added, removed, True)
-            merged = self._watermark(con, partition)
-            if merged is not None and end_position <= merged:
-                return LoadResult(batch_id, partition, 0, 0, 0, already_loaded=True)
-            params = {"through": end_position}
-            ((rows_loaded,),) = con.execute(
-                f"SELECT count(*) FROM staged_changes WHERE {_MERGING}", params
-            ).fetchall()
-            con.execute(_LAST_CHANGES, params)
-            ((removed,),) = con.execute(_DELETE_REMOVED).fetchall()
-            con.execute(_TOUCH_READDED).fetchall()
-            ((added,),) = con.execute(_INSERT_ADDED).fetchall()
-            con.execute("DROP TABLE _last_changes")
-            con.execute(f"DELETE FROM staged_changes WHERE {_MERGING}", params)
-            con.execute(
-                "INSERT INTO load_ledger VALUES (?, ?, ?, ?, ?, ?)",
-                [batch_id, partition, rows_loaded, added, removed, _utc_now()],
-            )
-            con.execute(
-                "INSERT INTO merge_watermark VALUES (?, ?) ON CONFLICT (partition)"
-                " DO UPDATE SET source_position = excluded.source_position",
-                [partition, end_position],
-            )
-            return LoadResult(batch_id, partition, rows_loaded, added, removed)
+            return merge_once(_DuckTx(con), batch_id, partition, end_position, _apply,
+                              _write_watermark)
 
         result = self._transaction(f"merge {batch_id}/{partition}", body,
                                    {"_staged_loads": self._staged_loads(partition)})
@@ -451,8 +371,7 @@ class DuckDBWarehouse:
         kept)."""
 
         def body(con: duckdb.DuckDBPyConnection) -> None:
-            for table in ("segment_members", "staged_changes", "load_ledger",
-                          "merge_watermark"):
+            for table in SEGMENT_TABLES:
                 con.execute(f"DELETE FROM {table}")
 
         self._transaction("reset segment tables", body)
@@ -462,7 +381,7 @@ class DuckDBWarehouse:
 
     def upsert_batch_status(self, rows: list[dict[str, Any]]) -> None:
         """Insert or wholly replace status rows keyed by batch_id (timestamps in epoch ms)."""
-        table = _status_table(rows)
+        table = status_table(rows)
         if table.num_rows == 0:
             return
         updates = ", ".join(f"{c} = excluded.{c}" for c in STATUS_COLUMNS[1:])
@@ -481,7 +400,7 @@ class DuckDBWarehouse:
     def batch_status(self, batch_id: str) -> dict[str, Any] | None:
         """One status row as upserted (timestamps back in epoch ms, detail as text)."""
         cols = ", ".join(
-            f"epoch_ms({c}) AS {c}" if c in _TIMESTAMP_COLUMNS else c for c in STATUS_COLUMNS
+            f"epoch_ms({c}) AS {c}" if c in TIMESTAMP_COLUMNS else c for c in STATUS_COLUMNS
         )
         rows = self._query(
             "read batch_status",
@@ -504,12 +423,7 @@ class DuckDBWarehouse:
         )
 
     def ledger(self) -> list[LedgerRow]:
-        rows = self._query(
-            "read load_ledger",
-            "SELECT batch_id, partition, rows_loaded, added, removed, loaded_at"
-            " FROM load_ledger ORDER BY batch_id, partition",
-        )
-        return [LedgerRow(*r) for r in rows]
+        return [LedgerRow(*r) for r in self._query("read load_ledger", LEDGER_ALL)]
 
     def close(self) -> None:
         with self._lock:
@@ -522,29 +436,24 @@ class DuckDBWarehouse:
         self.close()
 
 
-def _utc_now() -> datetime:
-    return datetime.now(UTC).replace(tzinfo=None)
+def _apply(tx: Tx, batch_id: str, partition: int, end_position: int) -> tuple[int, int, int]:
+    """The partition's staged changes up to end_position folded into segment_members
+    (`_staged_loads` is registered by merge); (rows, added, removed)."""
+    con = tx.con  # type: ignore[attr-defined]
+    params = {"through": end_position}
+    ((rows_loaded,),) = con.execute(
+        f"SELECT count(*) FROM staged_changes WHERE {_MERGING}", params).fetchall()
+    con.execute(_LAST_CHANGES, params)
+    ((removed,),) = con.execute(_DELETE_REMOVED).fetchall()
+    con.execute(_TOUCH_READDED).fetchall()
+    ((added,),) = con.execute(_INSERT_ADDED).fetchall()
+    con.execute("DROP TABLE _last_changes")
+    con.execute(f"DELETE FROM staged_changes WHERE {_MERGING}", params)
+    return rows_loaded, added, removed
 
 
-def _status_table(rows: list[dict[str, Any]]) -> pa.Table:
-    """Status dicts as one Arrow table, last row per batch_id winning (an upsert batch)."""
-    latest: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        unknown = row.keys() - set(STATUS_COLUMNS)
-        if unknown:
-            raise ValueError(f"batch_status row has unknown keys {sorted(unknown)}")
-        if not row.get("batch_id"):
-            raise ValueError(f"batch_status row without batch_id: {row!r}")
-        latest[row["batch_id"]] = row
-    columns: dict[str, pa.Array] = {}
-    for col in STATUS_COLUMNS:
-        values = [r.get(col) for r in latest.values()]
-        if col == "detail":
-            # Stored as JSON text; sorted keys so equal details compare equal.
-            values = [
-                v if v is None or isinstance(v, str) else json.dumps(v, sort_keys=True)
-                for v in values
-            ]
-        typ = pa.timestamp("ms") if col in _TIMESTAMP_COLUMNS else _STATUS_TYPES[col]
-        columns[col] = pa.array(values, typ)
-    return pa.table(columns)
+def _write_watermark(tx: Tx, partition: int, position: int) -> None:
+    # ON CONFLICT: DuckDB's delete + insert of one key in a transaction trips its index.
+    tx.execute("INSERT INTO merge_watermark VALUES (?, ?) ON CONFLICT (partition)"
+               " DO UPDATE SET source_position = excluded.source_position",
+               [partition, position])
