@@ -80,12 +80,12 @@ class Pipeline:
     def snapshots(self) -> SnapshotStore:
         """Partition state snapshots (restore = snapshot + changelog tail)."""
         if self._snapshots is None:
-            from connectors.object_store import LocalObjectStore
+            from connectors.object_store import open_store
 
             # fsync as the embedded log does (--fsync): a snapshot is no more durable than
             # the log it stands for.
-            self._snapshots = SnapshotStore(LocalObjectStore(self.settings.state_path,
-                                                             fsync=self.settings.fsync))
+            self._snapshots = SnapshotStore(open_store(self.settings.state_url,
+                                                       fsync=self.settings.fsync))
         return self._snapshots
 
     @property
@@ -138,10 +138,10 @@ class Pipeline:
                     snapshots=self.snapshots, snapshot_policy=policy))
             elif role == "s3":
                 from connectors.change_sink import ChangeSink
-                from connectors.object_store import LocalObjectStore
+                from connectors.object_store import open_store
                 from connectors.s3_sink import S3Sink
 
-                writer = S3Sink(LocalObjectStore(s.object_root), s.s3_format, s.s3_prefix)
+                writer = S3Sink(open_store(s.object_root), s.s3_format, s.s3_prefix)
                 tasks.append(SinkTask(self.log, ChangeSink(writer, partitions, s.chunk_rows),
                                       out, group_of(role), member))
             elif role == "warehouse":
@@ -194,7 +194,7 @@ class Pipeline:
         """Folds `audience.rows` from the start with the segments processor and compares the
         members it gives with the restored state, the warehouse and the S3 objects. With a
         batch, only the segments that batch names are compared."""
-        from connectors.object_store import LocalObjectStore
+        from connectors.object_store import open_store
         from connectors.s3_fold import fold_objects
 
         only = None
@@ -211,7 +211,7 @@ class Pipeline:
 
         sinks = {
             "warehouse": lambda: set(self.warehouse.members()),
-            "s3": lambda: fold_objects(LocalObjectStore(self.settings.object_root),
+            "s3": lambda: fold_objects(open_store(self.settings.object_root),
                                        self.settings.s3_prefix),
         }
         return verify(self.log, AudienceSegments(), members, sinks, self.snapshots, only)
