@@ -41,3 +41,11 @@ def error_code(exc: BaseException) -> str:
     if not isinstance(response, dict):
         return ""
     return str(response.get("Error", {}).get("Code", ""))
+
+
+def is_stream_error(exc: BaseException) -> bool:
+    """A response body that broke off (reset, timeout, short read): worth reading again."""
+    from botocore.exceptions import BotoCoreError
+    from urllib3.exceptions import HTTPError  # botocore's own HTTP library
+
+    return isinstance(exc, (BotoCoreError, HTTPError, OSError))

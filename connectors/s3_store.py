@@ -9,6 +9,7 @@ multipart upload, whose parts are retried one by one rather than the whole objec
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Any
 from urllib.parse import urlparse
 
@@ -17,6 +18,7 @@ from connectors.object_store import check_key
 
 MULTIPART_THRESHOLD = 16 << 20
 PART_SIZE = 8 << 20  # S3's least is 5 MiB (but for the last part)
+BODY_ATTEMPTS = 8  # reads of an object whose body breaks off
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -84,13 +86,25 @@ class S3ObjectStore:
             raise
 
     def get(self, key: str) -> bytes:
-        try:
-            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
-        except Exception as exc:
-            if aws.error_code(exc) in ("NoSuchKey", "404"):
-                raise KeyError(key) from None
-            raise
-        return response["Body"].read()
+        # botocore retries a request until its response headers; a body cut off after them
+        # is read again here.
+        for attempt in range(1, BODY_ATTEMPTS + 1):
+            try:
+                response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
+            except Exception as exc:
+                if aws.error_code(exc) in ("NoSuchKey", "404"):
+                    raise KeyError(key) from None
+                raise
+            try:
+                data: bytes = response["Body"].read()
+            except Exception as exc:
+                if attempt == BODY_ATTEMPTS or not aws.is_stream_error(exc):
+                    raise
+                time.sleep(min(0.05 * 2 ** attempt, 2.0))
+                continue
+            if len(data) == response["ContentLength"]:
+                return data
+        raise OSError(f"{self.url(key)}: body cut short {BODY_ATTEMPTS} times")
 
     def exists(self, key: str) -> bool:
         try:

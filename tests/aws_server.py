@@ -86,7 +86,8 @@ def make_bucket(name: str | None = None) -> str:
 
 # ------------------------------------------------------------------ fault injection
 
-# (method, path) of a request -> None (forward it), "500", "503" or "reset".
+# (method, path) of a request -> None (forward it), "500", "503", "reset" (the request
+# half read, then the connection reset) or "cut" (the response half sent, then reset).
 Policy = Callable[[str, str], str | None]
 
 _SLOW_DOWN = (b"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code>"
@@ -157,8 +158,18 @@ class FaultProxy:
                         self.send_header(key, value)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
+                if self.command == "HEAD":
+                    return
+                if fault == "cut" and len(data) > 1:
+                    # Mid-download: half the body sent, then the connection reset.
+                    self.wfile.write(data[: len(data) // 2])
+                    self.wfile.flush()
+                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                               struct.pack("ii", 1, 0))
+                    self.connection.close()
+                    self.close_connection = True
+                    return
+                self.wfile.write(data)
 
             def _body(self) -> bytes | None:
                 if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
