@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 # that only imports or only runs processors starts faster without them.
 
 PROCESSOR_ROLES = ("segments", "pipeline")
-SINK_ROLES = ("s3", "warehouse")
+# status-table: the DynamoDB mirror of the batch table; a no-op without --status-table.
+SINK_ROLES = ("s3", "warehouse", "status-table")
 ROLES = PROCESSOR_ROLES + SINK_ROLES
 SINKS = ("s3", "warehouse")
 
@@ -46,7 +47,8 @@ SINKS = ("s3", "warehouse")
 def group_of(role: str) -> str:
     return {"segments": "processor-segments", "pipeline": "processor-pipeline",
             "s3": "sink-s3", "warehouse": "sink-warehouse",
-            "warehouse-status": "sink-warehouse-status"}[role]
+            "warehouse-status": "sink-warehouse-status",
+            "status-table": "sink-status-table"}[role]
 
 
 def group_names(roles: tuple[str, ...]) -> list[str]:
@@ -153,6 +155,15 @@ class Pipeline:
                 tasks.append(SinkTask(self.log, sink, out, group_of(role), member))
                 tasks.append(SinkTask(self.log, StatusTableSink(self.warehouse), out,
                                       group_of("warehouse-status"), member))
+            elif role == "status-table":
+                if not s.status_table:
+                    continue
+                from connectors.dynamo_status import DynamoStatusSink, StatusTable
+
+                # The table is checked (or created) here, before any group is joined: a
+                # table with another key schema stops the worker with its name.
+                tasks.append(SinkTask(self.log, DynamoStatusSink(StatusTable(s.status_table)),
+                                      out, group_of(role), member))
             else:
                 raise ValueError(f"unknown role {role!r}; expected some of {', '.join(ROLES)}")
         return Worker(tasks)
