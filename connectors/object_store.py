@@ -46,6 +46,11 @@ class ObjectStore(Protocol):
         False when it existed."""
         ...
 
+    def replace_if_same(self, key: str, expected: bytes, data: bytes) -> bool:
+        """Replaces the object if it still holds `expected` (S3: If-Match on the ETag of
+        what was read); False when it does not."""
+        ...
+
 
 def open_store(root: str | os.PathLike[str], fsync: bool = True) -> ObjectStore:
     """The store a root names: s3://bucket/prefix, file:///path, or a local path."""
@@ -120,6 +125,18 @@ class LocalObjectStore:
             return True
         finally:
             Path(tmp).unlink(missing_ok=True)
+
+    def replace_if_same(self, key: str, expected: bytes, data: bytes) -> bool:
+        # Compare, then rename: not atomic across processes, unlike S3's If-Match; the
+        # local layout is for one machine's workers, which close a batch's last partition
+        # one at a time in practice (and the same bytes either way, but after a replay).
+        try:
+            if self.get(key) != expected:
+                return False
+        except KeyError:
+            return False
+        self.put(key, data)
+        return True
 
     def get(self, key: str) -> bytes:
         try:

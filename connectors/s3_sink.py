@@ -87,23 +87,28 @@ class S3Sink:
 
 
 class ManifestConflict(RuntimeError):
-    """Another writer's batch manifest differs from this one's: something is wrong (two
-    configurations writing one prefix), and neither may silently win."""
+    """Two writers wrote different batch manifests at once: neither may silently win."""
 
 
 def put_once(store: ObjectStore, key: str, data: bytes) -> None:
-    """Creates the object with a conditional put (S3: If-None-Match: *), so two writers can
-    never both win. The same bytes there already is done (a rewrite after a crash, or the
-    other worker that closed a last partition at the same time); other bytes are an error."""
+    """Writes the object with conditional puts, so that of two writers only one can win.
+    Created with If-None-Match: *; already there with the same bytes is done (a rewrite
+    after a crash, or the other worker that closed a last partition at the same time).
+    Other bytes there were made from partition manifests that have changed since (a replay
+    rewrote them; this writer just read the new ones): replaced conditionally on the object
+    read (If-Match). Losing that race to a writer of other bytes is an error."""
     if store.put_if_absent(key, data):
         return
     try:
         existing = store.get(key)
-    except KeyError:  # deleted in between: try once more, conditionally again
+    except KeyError:  # deleted in between: once more, conditionally again
         if store.put_if_absent(key, data):
             return
         existing = store.get(key)
-    if existing != data:
-        raise ManifestConflict(f"{store.url(key)} exists with other content "
-                               f"({len(existing):,} bytes, this writer's {len(data):,}); "
-                               "two writers disagree about the batch: not overwritten")
+    if existing == data or store.replace_if_same(key, existing, data):
+        return
+    now = store.get(key)
+    if now != data:
+        raise ManifestConflict(f"{store.url(key)} was written meanwhile with other content "
+                               f"({len(now):,} bytes, this writer's {len(data):,}): two "
+                               "writers disagree about the batch; not overwritten")

@@ -63,6 +63,20 @@ class S3ObjectStore:
             raise
         return True
 
+    def replace_if_same(self, key: str, expected: bytes, data: bytes) -> bool:
+        full = self._key(key)
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=full)
+            if response["Body"].read() != expected:
+                return False
+            self.client.put_object(Bucket=self.bucket, Key=full, Body=data,
+                                   IfMatch=response["ETag"])
+        except Exception as exc:
+            if aws.error_code(exc) in ("PreconditionFailed", "412", "NoSuchKey", "404"):
+                return False
+            raise
+        return True
+
     def _multipart(self, full: str, data: bytes) -> None:
         upload = self.client.create_multipart_upload(Bucket=self.bucket, Key=full)["UploadId"]
         try:

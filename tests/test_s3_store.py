@@ -67,9 +67,28 @@ def test_conditional_put_one_writer_wins(store: S3ObjectStore) -> None:
     assert not store.put_if_absent("m.json", b"second")
     assert store.get("m.json") == b"first"
     put_once(store, "m.json", b"first")  # the same bytes again: done
-    with pytest.raises(ManifestConflict, match="other content"):
-        put_once(store, "m.json", b"second")
-    assert store.get("m.json") == b"first"
+    # Other bytes (a replay changed the partition manifests): replaced, conditionally.
+    put_once(store, "m.json", b"second")
+    assert store.get("m.json") == b"second"
+    assert not store.replace_if_same("m.json", b"first", b"third")  # not what was read
+    assert store.get("m.json") == b"second"
+
+
+def test_manifest_race_lost_to_other_bytes_is_an_error(store: S3ObjectStore) -> None:
+    """The object changes between this writer's read and its If-Match put."""
+    store.put("m.json", b"old")
+    real_get = store.get
+
+    def get_then_another_writer(key: str) -> bytes:
+        data = real_get(key)
+        if data == b"old":
+            store.put(key, b"another writer's")
+        return data
+
+    store.get = get_then_another_writer  # type: ignore[method-assign]
+    with pytest.raises(ManifestConflict, match="two writers disagree"):
+        put_once(store, "m.json", b"mine")
+    assert real_get("m.json") == b"another writer's"
 
 
 def test_local_conditional_put(tmp_path: Path) -> None:
