@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Any
 from connectors.error_budget import ErrorBudget
 from connectors.readers import file_checksum, read_chunks, resolve_format
 from connectors.rows import MODES, InputFileError, RowChunk
+from connectors.s3_input import ObjectStream, is_s3_url, object_name
 from connectors.spool import Spool, spool_path, spool_stream
 from processors.events import batch_event
 from processors.pipeline_state import FAILED, PUBLISHED, SUBMITTED, BatchStatus, PipelineState
@@ -153,7 +154,13 @@ class Importer:
             raise ValueError(f"--batch-id {req.batch_id!r}: expected 1-128 letters, digits, "
                              "'.', '_' or '-', starting with a letter or digit")
         identity = req.identity()
-        if not _is_pipe(req.path):
+        if is_s3_url(req.path):
+            path, checksum = self._copy_object(req.path)
+            try:
+                result = self._run(req, str(path), req.path, checksum, identity)
+            finally:
+                path.unlink(missing_ok=True)
+        elif not _is_pipe(req.path):
             result = self._run(req, req.path, req.path, file_checksum(req.path), identity)
         else:
             path, checksum = self._copy_pipe(req.path)
@@ -163,6 +170,13 @@ class Importer:
                 path.unlink(missing_ok=True)
         result.seconds = time.monotonic() - started
         return result
+
+    def _copy_object(self, url: str) -> tuple[Path, str]:
+        """An S3 object streamed into the spool, hashed from its bytes as they arrive."""
+        self.on_input_bytes(0)
+        with ObjectStream(url) as body:
+            return spool_stream(body, self.spool_dir, self.on_input_bytes,  # type: ignore[arg-type]
+                                name=object_name(url))
 
     def _copy_pipe(self, path: str) -> tuple[Path, str]:
         self.on_input_bytes(0)

@@ -1,4 +1,5 @@
-"""Object storage behind one small interface: a local directory now, S3 later.
+"""Object storage behind one small interface: a local directory or S3 (connectors/s3_store.py),
+chosen by URL in `open_store`.
 
 Keys are "/"-separated like S3 keys, so the same deterministic names work on both and a
 rewrite after a crash replaces the object instead of adding a second one.
@@ -10,7 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Protocol
-from urllib.parse import quote
+from urllib.parse import quote, unquote, urlparse
 
 # Temp files of an unfinished put carry this prefix; keys may not use it so list() can
 # skip them without mistaking a real object for one.
@@ -18,7 +19,9 @@ _TMP_PREFIX = ".tmp-"
 
 
 class ObjectStore(Protocol):
-    """Minimal on purpose: whatever S3 can do cheaply and atomically, nothing more."""
+    """Minimal on purpose: whatever S3 can do cheaply and atomically, nothing more. A store
+    may also have `delete(key)` (S3 has: snapshot pruning uses it where present; the local
+    store keeps every snapshot, as before)."""
 
     def put(self, key: str, data: bytes) -> None:
         """Store atomically: readers see the old object or the new one, never a part."""
@@ -37,6 +40,30 @@ class ObjectStore(Protocol):
     def url(self, key: str) -> str:
         """Address for messages and manifests (file:///... locally, s3://... on S3)."""
         ...
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        """Creates the object unless one exists (atomically: of two writers, one wins);
+        False when it existed."""
+        ...
+
+    def replace_if_same(self, key: str, expected: bytes, data: bytes) -> bool:
+        """Replaces the object if it still holds `expected` (S3: If-Match on the ETag of
+        what was read); False when it does not."""
+        ...
+
+
+def open_store(root: str | os.PathLike[str], fsync: bool = True) -> ObjectStore:
+    """The store a root names: s3://bucket/prefix, file:///path, or a local path."""
+    text = os.fspath(root)
+    if text.startswith("s3://"):
+        from connectors.s3_store import S3ObjectStore
+
+        return S3ObjectStore(text)
+    if text.startswith("file://"):
+        text = unquote(urlparse(text).path)
+    elif "://" in text:
+        raise ValueError(f"{text}: expected s3://BUCKET[/PREFIX], file:///PATH or a path")
+    return LocalObjectStore(Path(text), fsync=fsync)
 
 
 def check_key(key: str) -> None:
@@ -80,6 +107,36 @@ class LocalObjectStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def put_if_absent(self, key: str, data: bytes) -> bool:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                if self.fsync:
+                    os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)  # a hard link fails if the name exists: one writer wins
+            except FileExistsError:
+                return False
+            return True
+        finally:
+            Path(tmp).unlink(missing_ok=True)
+
+    def replace_if_same(self, key: str, expected: bytes, data: bytes) -> bool:
+        # Compare, then rename: not atomic across processes, unlike S3's If-Match; the
+        # local layout is for one machine's workers, which close a batch's last partition
+        # one at a time in practice (and the same bytes either way, but after a replay).
+        try:
+            if self.get(key) != expected:
+                return False
+        except KeyError:
+            return False
+        self.put(key, data)
+        return True
 
     def get(self, key: str) -> bytes:
         try:

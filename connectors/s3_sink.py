@@ -11,7 +11,8 @@ source_position and part: folding the rows of every object a `_manifest.json` li
 (partition, source_position, part, row) replays the membership changes in log order,
 across batches (connectors/s3_fold.py).
 Same chunk, same key, same bytes: a rewrite after a crash or a replay is a no-op in effect.
-The store is an ObjectStore: a local directory by default, S3 itself in a later backend.
+The store is an ObjectStore: a local directory by default, or S3 (`--s3-root s3://...`).
+The batch manifest is created once (a conditional put): of two writers, one wins.
 """
 
 from __future__ import annotations
@@ -81,5 +82,33 @@ class S3Sink:
                 meta = e["meta"]
                 entries.append(ManifestEntry(e["url"], meta["content_length"],
                                              meta["record_count"]))
-        self.store.put(f"{self.batch_prefix(batch_id)}/manifest.json",
-                       encode_manifest(entries, batch_id=batch_id, fmt=self.fmt))
+        put_once(self.store, f"{self.batch_prefix(batch_id)}/manifest.json",
+                 encode_manifest(entries, batch_id=batch_id, fmt=self.fmt))
+
+
+class ManifestConflict(RuntimeError):
+    """Two writers wrote different batch manifests at once: neither may silently win."""
+
+
+def put_once(store: ObjectStore, key: str, data: bytes) -> None:
+    """Writes the object with conditional puts, so that of two writers only one can win.
+    Created with If-None-Match: *; already there with the same bytes is done (a rewrite
+    after a crash, or the other worker that closed a last partition at the same time).
+    Other bytes there were made from partition manifests that have changed since (a replay
+    rewrote them; this writer just read the new ones): replaced conditionally on the object
+    read (If-Match). Losing that race to a writer of other bytes is an error."""
+    if store.put_if_absent(key, data):
+        return
+    try:
+        existing = store.get(key)
+    except KeyError:  # deleted in between: once more, conditionally again
+        if store.put_if_absent(key, data):
+            return
+        existing = store.get(key)
+    if existing == data or store.replace_if_same(key, existing, data):
+        return
+    now = store.get(key)
+    if now != data:
+        raise ManifestConflict(f"{store.url(key)} was written meanwhile with other content "
+                               f"({len(now):,} bytes, this writer's {len(data):,}): two "
+                               "writers disagree about the batch; not overwritten")

@@ -70,13 +70,14 @@ def import_in_progress(folder: Path, batch_id: str) -> bool:
     return False
 
 
-def spool_stream(source: BinaryIO, folder: Path, on_bytes: Callable[[int], None]
-                 ) -> tuple[Path, str]:
-    """Copies a pipe (standard input, a FIFO) to a file in `folder`, hashing it as it
-    streams, so the importer can read it twice (header, then rows) like a file.
+def spool_stream(source: BinaryIO, folder: Path, on_bytes: Callable[[int], None],
+                 name: str = "part") -> tuple[Path, str]:
+    """Copies a pipe (standard input, a FIFO, an S3 object) to a file in `folder`, hashing
+    it as it streams, so the importer can read it twice (header, then rows) like a file.
+    `name` ends the file's name (an object's name: its extension gives the format).
     Returns (path, sha256); the caller removes the file."""
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"input.{os.getpid()}.{time.monotonic_ns()}.part"
+    path = folder / f"input.{os.getpid()}.{time.monotonic_ns()}.{name}"
     digest, size = hashlib.sha256(), 0
     try:
         with open(path, "wb") as out:

@@ -73,7 +73,8 @@ GROUP_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("--s3-format",), dict(type=click.Choice(["parquet", "avro", "jsonl"]), default="parquet",
                            help="Format of the objects the S3 sink writes.")),
     (("--s3-root",), dict(type=click.Path(file_okay=False), default=None,
-                         help="Local object store root [default: DATA_DIR/s3].")),
+                         help="Object store root: s3://BUCKET/PREFIX, file:///PATH or a "
+                              "path [default: DATA_DIR/s3].")),
     (("--warehouse",), dict(default=None,
                            help="A DuckDB file or duckdb:///PATH, postgresql://... or "
                                 "redshift://... [default: DATA_DIR/warehouse.duckdb].")),
@@ -103,8 +104,8 @@ GROUP_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("--checkpoint-interval-s",), dict(type=click.FloatRange(0.01), default=1.0,
                                        help="Longest time between processor checkpoints.")),
     (("--state-root",), dict(type=click.Path(file_okay=False), default=None,
-                            help="Where partition state snapshots go [default: "
-                                 "DATA_DIR/state].")),
+                            help="Where partition state snapshots go, as --s3-root "
+                                 "[default: DATA_DIR/state].")),
     (("--snapshot-bytes",), dict(type=click.IntRange(1), default=64 << 20,
                                 help="Changelog bytes of a partition between state "
                                      "snapshots.")),
@@ -134,6 +135,9 @@ GROUP_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
                                         help="Largest message the producer sends: rows are "
                                              "packed under it, a row too big on its own is "
                                              "dead-lettered.")),
+    (("--status-table",), dict(default="",
+                              help="DynamoDB table mirroring the batch table (created on "
+                                   "first use) [default: none].")),
     (("--fsync/--no-fsync",), dict(default=False,
                                    help="fsync the embedded log on every flush (survives "
                                         "power loss, slower).")),

@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 # that only imports or only runs processors starts faster without them.
 
 PROCESSOR_ROLES = ("segments", "pipeline")
-SINK_ROLES = ("s3", "warehouse")
+# status-table: the DynamoDB mirror of the batch table; a no-op without --status-table.
+SINK_ROLES = ("s3", "warehouse", "status-table")
 ROLES = PROCESSOR_ROLES + SINK_ROLES
 SINKS = ("s3", "warehouse")
 
@@ -46,7 +47,8 @@ SINKS = ("s3", "warehouse")
 def group_of(role: str) -> str:
     return {"segments": "processor-segments", "pipeline": "processor-pipeline",
             "s3": "sink-s3", "warehouse": "sink-warehouse",
-            "warehouse-status": "sink-warehouse-status"}[role]
+            "warehouse-status": "sink-warehouse-status",
+            "status-table": "sink-status-table"}[role]
 
 
 def group_names(roles: tuple[str, ...]) -> list[str]:
@@ -80,12 +82,12 @@ class Pipeline:
     def snapshots(self) -> SnapshotStore:
         """Partition state snapshots (restore = snapshot + changelog tail)."""
         if self._snapshots is None:
-            from connectors.object_store import LocalObjectStore
+            from connectors.object_store import open_store
 
             # fsync as the embedded log does (--fsync): a snapshot is no more durable than
             # the log it stands for.
-            self._snapshots = SnapshotStore(LocalObjectStore(self.settings.state_path,
-                                                             fsync=self.settings.fsync))
+            self._snapshots = SnapshotStore(open_store(self.settings.state_url,
+                                                       fsync=self.settings.fsync))
         return self._snapshots
 
     @property
@@ -147,10 +149,10 @@ class Pipeline:
                     snapshots=self.snapshots, snapshot_policy=policy))
             elif role == "s3":
                 from connectors.change_sink import ChangeSink
-                from connectors.object_store import LocalObjectStore
+                from connectors.object_store import open_store
                 from connectors.s3_sink import S3Sink
 
-                writer = S3Sink(LocalObjectStore(s.object_root), s.s3_format, s.s3_prefix)
+                writer = S3Sink(open_store(s.object_root), s.s3_format, s.s3_prefix)
                 tasks.append(SinkTask(self.log, ChangeSink(writer, partitions, s.chunk_rows),
                                       out, group_of(role), member))
             elif role == "warehouse":
@@ -162,6 +164,15 @@ class Pipeline:
                 tasks.append(SinkTask(self.log, sink, out, group_of(role), member))
                 tasks.append(SinkTask(self.log, StatusTableSink(self.warehouse), out,
                                       group_of("warehouse-status"), member))
+            elif role == "status-table":
+                if not s.status_table:
+                    continue
+                from connectors.dynamo_status import DynamoStatusSink, StatusTable
+
+                # The table is checked (or created) here, before any group is joined: a
+                # table with another key schema stops the worker with its name.
+                tasks.append(SinkTask(self.log, DynamoStatusSink(StatusTable(s.status_table)),
+                                      out, group_of(role), member))
             else:
                 raise ValueError(f"unknown role {role!r}; expected some of {', '.join(ROLES)}")
         return Worker(tasks)
@@ -203,7 +214,7 @@ class Pipeline:
         """Folds `audience.rows` from the start with the segments processor and compares the
         members it gives with the restored state, the warehouse and the S3 objects. With a
         batch, only the segments that batch names are compared."""
-        from connectors.object_store import LocalObjectStore
+        from connectors.object_store import open_store
         from connectors.s3_fold import fold_objects
 
         only = None
@@ -220,7 +231,7 @@ class Pipeline:
 
         sinks = {
             "warehouse": lambda: set(self.warehouse.members()),
-            "s3": lambda: fold_objects(LocalObjectStore(self.settings.object_root),
+            "s3": lambda: fold_objects(open_store(self.settings.object_root),
                                        self.settings.s3_prefix),
         }
         return verify(self.log, AudienceSegments(), members, sinks, self.snapshots, only,

@@ -27,7 +27,9 @@ class Settings:
     backend: str = "embedded"  # embedded | kafka
     bootstrap: str = ""  # kafka: host:port[,host:port]
     s3_format: str = "parquet"  # avro | jsonl | parquet
-    s3_root: Path | None = None  # local object store root; default <data_dir>/s3
+    # Object store root: s3://bucket/prefix, file:///path or a path; default <data_dir>/s3.
+    # A string, not a Path: Path("s3://b/p") would fold the "//".
+    s3_root: str | None = None
     s3_prefix: str = "audience/segment-changes"
     # A DuckDB path or duckdb:///path (default <data_dir>/warehouse.duckdb),
     # postgresql://... or redshift://... (connectors/warehouses).
@@ -44,7 +46,7 @@ class Settings:
     fsync: bool = False
     checkpoint_interval_s: float = 1.0
     # State snapshots (restore = newest snapshot + changelog tail): where, and how often.
-    state_root: Path | None = None  # default <data_dir>/state
+    state_root: str | None = None  # as s3_root; default <data_dir>/state
     snapshot_bytes: int = 64 << 20  # changelog bytes of a partition between snapshots
     snapshot_interval_s: float = 3600.0  # or this long, whichever comes first
     # Embedded log: a member whose heartbeat is older than this loses its partitions.
@@ -59,6 +61,8 @@ class Settings:
     # How long a process waits for the warehouse while another process holds DuckDB's
     # one-writer lock (two runs side by side, a run beside a worker of the warehouse role).
     warehouse_lock_timeout_s: float = 600.0
+    # DynamoDB table mirroring the batch table ("" = none): the status-table role.
+    status_table: str = ""
 
     def problems(self) -> list[str]:
         """What is wrong with these settings, each naming the setting and what was
@@ -81,6 +85,13 @@ class Settings:
         if self.warehouse_max_connections < 1:
             found.append(f"--warehouse-max-connections {self.warehouse_max_connections}: "
                          "expected 1 or more")
+        for flag, root in (("--s3-root", self.s3_root), ("--state-root", self.state_root)):
+            text = str(root or "")
+            if text.startswith("s3://") and not text[5:].split("/", 1)[0]:
+                found.append(f"{flag} {text!r}: expected s3://BUCKET[/PREFIX]")
+            elif "://" in text and not text.startswith(("s3://", "file://")):
+                found.append(f"{flag} {text!r}: expected s3://BUCKET[/PREFIX], "
+                             "file:///PATH or a local path")
         if self.warehouse_lock_timeout_s < 0:
             found.append(f"--warehouse-lock-timeout-s {self.warehouse_lock_timeout_s}: "
                          "expected 0 or more seconds")
@@ -129,12 +140,19 @@ class Settings:
         return {k: v for k, v in options.items() if v is not None}
 
     @property
-    def object_root(self) -> Path:
-        return self.s3_root or self.data_dir / "s3"
+    def object_root(self) -> str:
+        """The S3 sink's store: a URL or a local path (connectors.object_store.open_store)."""
+        return str(self.s3_root or self.data_dir / "s3")
+
+    @property
+    def state_url(self) -> str:
+        """Where state snapshots go, as object_root."""
+        return str(self.state_root or self.data_dir / "state")
 
     @property
     def state_path(self) -> Path:
-        return self.state_root or self.data_dir / "state"
+        """The local snapshot directory (for a state_root that is a local path)."""
+        return Path(self.state_root) if self.state_root else self.data_dir / "state"
 
     @property
     def warehouse_url(self) -> str:

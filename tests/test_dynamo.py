@@ -1,0 +1,120 @@
+"""DynamoDB on a real API (moto's server): the batch status mirror (`--status-table`),
+conditional on event positions, and the triggers' double-fire guard."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from connectors import aws
+from connectors.dynamo import claim_object, ensure_guard_table
+from connectors.dynamo_status import DynamoStatusSink, StatusTable
+from tests.aws_server import aws_env, moto_endpoint, unique_name
+from tests.support import run_cli, write_csv
+
+__all__ = ["aws_env", "moto_endpoint"]  # fixtures, used by name
+
+
+def _status(batch: str, status: str, **more: object) -> dict[str, object]:
+    return {"batch_id": batch, "status": status, "rows": 10, "rejected": 1, "partitions": 2,
+            "partition_counts": [4, 6], "applied": {"0": 3, "1": 5}, "submitted_at": 1000,
+            "closed_at": None, "error": "", "segments": ["s1"], **more}
+
+
+def test_status_items_never_move_backwards(aws_env: dict[str, str]) -> None:
+    table = StatusTable(unique_name("status"))  # created on first use
+    assert table.put(_status("b1", "submitted"), 5, "{}")
+    assert table.put(_status("b1", "closed", closed_at=2000), 9, "{}")
+    # A snapshot re-read after a crash (same position), a zombie's older one: no change.
+    assert not table.put(_status("b1", "closed", closed_at=2000), 9, "{}")
+    assert not table.put(_status("b1", "published"), 7, "{}")
+    item = table.get("b1")
+    assert item is not None
+    assert (item["status"], item["closed_at"], item["source_position"]) == ("closed", 2000, 9)
+    assert (item["rows"], item["rejected"], item["changes"]) == (10, 1, 8)
+    assert item["partition_counts"] == [4, 6]
+    assert StatusTable(table.name).get("b1") == item  # an existing table is used as it is
+
+
+# The fixture only sets the environment: the same for every example.
+@settings(max_examples=15, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(positions=st.lists(st.integers(0, 50), min_size=1, max_size=8))
+def test_item_holds_the_highest_position_in_any_order(aws_env: dict[str, str],
+                                                      positions: list[int]) -> None:
+    table = StatusTable(_shared_table())
+    batch = unique_name("b")
+    for p in positions:
+        table.put(_status(batch, f"at-{p}"), p, "{}")
+    item = table.get(batch)
+    assert item is not None and item["status"] == f"at-{max(positions)}"
+
+
+_TABLES: list[str] = []
+
+
+def _shared_table() -> str:
+    if not _TABLES:
+        _TABLES.append(unique_name("status"))
+    return _TABLES[0]
+
+
+def test_sink_applies_snapshots_by_position(aws_env: dict[str, str]) -> None:
+    sink = DynamoStatusSink(StatusTable(unique_name("status")))
+
+    def record(status: str, position: int) -> SimpleNamespace:
+        detail = json.dumps(_status("b2", status))
+        return SimpleNamespace(value={"json": detail, "source_position": position})
+
+    for status, position in [("submitted", 1), ("closed", 8), ("published", 4)]:
+        assert sink.process(record(status, position)) == []  # type: ignore[arg-type]
+    item = sink.table.get("b2")
+    assert item is not None and item["status"] == "closed"
+    assert json.loads(item["detail"])["status"] == "closed"
+
+
+def test_a_table_with_another_key_is_refused(aws_env: dict[str, str], tmp_path: Path) -> None:
+    name = unique_name("other")
+    aws.client("dynamodb").create_table(
+        TableName=name, BillingMode="PAY_PER_REQUEST",
+        KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}])
+    with pytest.raises(ValueError, match=f"--status-table {name}: the DynamoDB table exists "
+                                         r"with key id \(hash, S\); expected batch_id"):
+        StatusTable(name)
+    proc = run_cli("worker", "--roles", "status-table", "--status-table", name,
+                   data_dir=tmp_path / "d", env=aws_env, check=False, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+        f"Error: --status-table {name}: the DynamoDB table exists with key id")
+
+
+def test_double_fire_guard(aws_env: dict[str, str]) -> None:
+    table = unique_name("guard")
+    ensure_guard_table(table)
+    assert claim_object(table, "bkt", "in/a.csv", "v1", batch_id="b-1")
+    assert not claim_object(table, "bkt", "in/a.csv", "v1", batch_id="b-1")  # double fire
+    assert claim_object(table, "bkt", "in/a.csv", "v2")  # a new version is a new file
+    assert claim_object(table, "bkt", "in/b.csv", "v1")
+
+
+def test_run_mirrors_the_batch_into_the_table(aws_env: dict[str, str], tmp_path: Path) -> None:
+    name = unique_name("status")
+    rows = [(f"u{i}", "s1", "add") for i in range(50)] + [("", "s1", "add")]
+    path = write_csv(tmp_path / "in.csv", rows)
+    run_cli("run", str(path), "-q", "--status-table", name, "--max-rejects", "5",
+            data_dir=tmp_path / "d", env=aws_env)
+    status = json.loads(run_cli("status", "--json", data_dir=tmp_path / "d",
+                                env=aws_env).stdout)[0]
+    item = StatusTable(name).get(status["batch_id"])
+    assert item is not None
+    assert (item["status"], item["rows"], item["rejected"], item["changes"]) == (
+        "closed", 50, 1, 50)
+    for step in ("submitted_at", "published_at", "closed_at"):
+        assert item[step] == status[step]
+    assert json.loads(item["detail"])["closed_at"] == status["closed_at"]
