@@ -13,11 +13,11 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from streams.api import Input, Processor
+from streams.api import Processor
 from streams.state.recovery import restore
 from streams.state.snapshots import SnapshotStore
 from streams.state.store import PartitionStore
-from topics.codec import decode
+from streams.state.table_reader import fold_after
 from topics.log import Log
 
 Fact = tuple[str, ...]
@@ -54,25 +54,6 @@ def fold_source(log: Log, processor: Processor) -> dict[int, PartitionStore]:
         fold_after(log, processor, partition, store)
         stores[partition] = store
     return stores
-
-
-def fold_after(log: Log, processor: Processor, partition: int, store: PartitionStore) -> int:
-    """Folds the inputs after the store's stamp into it, as a worker would (a message that
-    raises is rolled back); returns how many."""
-    folded = 0
-    for msg in log.read(processor.input_topic, partition, after=store.applied):
-        schema, value = decode(msg.value)
-        store.begin()
-        try:
-            processor.process(store.views, Input(schema, value, partition, msg.position,
-                                                 msg.timestamp_ms))
-        except Exception:
-            store.rollback()
-        else:
-            store.commit()
-        store.applied = msg.position
-        folded += 1
-    return folded
 
 
 def verify(log: Log, processor: Processor, facts: Facts,
