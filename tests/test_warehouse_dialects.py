@@ -91,6 +91,17 @@ def test_merge_applies_every_batch_of_the_partition_in_log_order(wh: Warehouse) 
     assert wh.merge("B", 1, 30) == LoadResult("B", 1, 1, 1, 0)
 
 
+def test_staging_a_chunk_keeps_another_batchs_chunk_inside_its_stamps(wh: Warehouse) -> None:
+    """Regression, found by test_merge_equals_python_fold[postgres]: batch b0's chunk spans
+    stamps 10..40 and b1's chunk at 30 lies inside that range (batches interleave on a
+    partition); staging b0's chunk after b1's replaced b1's row as if it were its own."""
+    wh.stage(chunk("b1", 1, 30, [("u1", "s1", "add", 3)]))
+    wh.stage(chunk("b0", 1, 10, [("u1", "s0", "add", 1), ("u1", "s0", "add", 2),
+                                 ("u1", "s0", "add", 4)], stamps=[(10, 0), (10, 1), (40, 0)]))
+    wh.merge("b0", 1, 50)
+    assert member_rows(wh) == [("s0", "u1", "b0", 4), ("s1", "u1", "b1", 3)]
+
+
 def test_watermark_rules(wh: Warehouse) -> None:
     wh.stage(chunk("A", 0, 10, [("u", "s", "add", 1)]))
     wh.merge("B", 0, 30)  # B's marker merges A's rows too

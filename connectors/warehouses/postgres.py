@@ -124,9 +124,11 @@ STAGE_COLUMNS = ("partition", "source_position", "part", "ordinal", "seq", "batc
 STAGE_TYPES = ("int4", "int8", "int4", "int4", "int8", "text", "text", "text", "text")
 COPY_STAGED = (f"COPY staged_changes ({', '.join(STAGE_COLUMNS)})"
                " FROM STDIN (FORMAT BINARY)")
+# A chunk's own rows: of its batch, in its range of stamps (the chunks of other batches of
+# the partition interleave with it in that range: batches interleave on a partition).
 DELETE_CHUNK = """
     DELETE FROM staged_changes
-    WHERE partition = %(partition)s
+    WHERE partition = %(partition)s AND batch_id = %(batch)s
       AND (source_position, part) BETWEEN (%(lo)s, %(lo_part)s) AND (%(hi)s, %(hi_part)s)
 """
 # The last change per (segment, user) among the partition's staged changes up to the end
@@ -281,7 +283,8 @@ class PostgresWarehouse:
             table = rows_to_stage(PgTx(cur), changes)
             if table is None:
                 return
-            cur.execute(DELETE_CHUNK, {"partition": changes.partition, "lo": lo,
+            cur.execute(DELETE_CHUNK, {"partition": changes.partition,
+                                       "batch": changes.batch_id, "lo": lo,
                                        "lo_part": lo_part, "hi": hi, "hi_part": hi_part})
             copy_rows(cur, changes.batch_id, changes.partition, table)
 
