@@ -23,6 +23,15 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def _operator_env(settings: Settings) -> dict[str, str]:
+    """The child serves its metrics on the next port (P+1: the parent has P) and sends no
+    alerts (the parent's monitor does, once)."""
+    env = {"STREAMS_ALERT_WEBHOOK": ""}
+    if settings.metrics_port:
+        env["STREAMS_METRICS_PORT"] = str(settings.metrics_port + 1)
+    return env
+
+
 class ChildWorkerDied(Exception):
     pass
 
@@ -30,7 +39,7 @@ class ChildWorkerDied(Exception):
 class ChildWorker:
     def __init__(self, settings: Settings, roles: tuple[str, ...], member: str):
         parent = os.getpid()
-        env = {**os.environ, **settings.to_env()}
+        env = {**os.environ, **settings.to_env(), **_operator_env(settings)}
         self.roles = roles
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "streams", "worker", "--roles", ",".join(roles),

@@ -13,7 +13,6 @@ option, a setting or an argument is wrong); 130 interrupted (Ctrl-C).
 from __future__ import annotations
 
 import json
-import logging
 import os
 import stat
 import sys
@@ -29,7 +28,9 @@ from connectors.importer import ImportRefused, ImportResult
 from connectors.rows import MODES, InputFileError
 from connectors.spool import import_in_progress
 from processors.pipeline_state import SUBMITTED, BatchStatus
+from streams import logs
 from streams.child_worker import ChildWorker, ChildWorkerDied
+from streams.operations import Operations
 from streams.pipeline import (
     PROCESSOR_ROLES,
     ROLES,
@@ -141,6 +142,17 @@ GROUP_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("--fsync/--no-fsync",), dict(default=False,
                                    help="fsync the embedded log on every flush (survives "
                                         "power loss, slower).")),
+    (("--metrics-port",), dict(type=click.IntRange(0, 65535), default=None,
+                              help="Serve Prometheus /metrics, /healthz and /readyz on this "
+                                   "port (worker, run) [default: off].")),
+    (("--log-format",), dict(type=click.Choice(["human", "json"]), default="human",
+                            help="Log lines for people, or one JSON object per line.")),
+    (("--alert-webhook",), dict(default="", metavar="URL",
+                               help="Slack-compatible webhook for failed and late batches "
+                                    "(worker, run) [default: none].")),
+    (("--batch-deadline",), dict(default="", metavar="DURATION",
+                                help="Alert when a batch is still open this long after it "
+                                     "was submitted, e.g. 30m [default: never].")),
     (("-v", "--verbose"), dict(count=True, help="More logging (-v info, -vv debug).")),
 ]
 _CONFIG_HELP = "TOML config file (default: ./streams.toml if present)."
@@ -242,8 +254,7 @@ def _settings(ctx: click.Context) -> Settings:
                 options[key] = value
     options.update(root.meta.get(_OVERRIDES, {}))
     verbose = int(options.pop("verbose", 0) or 0)
-    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(verbose, options.get("log_format") or "human")
     try:
         settings = Settings.build(options)
     except (TypeError, ValueError) as exc:
@@ -404,6 +415,7 @@ def _run_to_the_end(ctx: click.Context, pipe: Pipeline, file: str, progress: Pro
         # may still wait to be applied, or snapshots to be delivered, after a crash.
         worker = pipe.worker(PROCESSOR_ROLES, member)
         worker.install_signal_handlers()
+        ops = _operations(ctx, worker, member)
         done = _batch_finished(pipe, worker, result.batch_id)
 
         def tick(w: Any) -> None:
@@ -414,8 +426,12 @@ def _run_to_the_end(ctx: click.Context, pipe: Pipeline, file: str, progress: Pro
                     for role in SINK_ROLES}
                 progress.phases(dict(w.processed), behind)
 
-        if not worker.run(until=lambda: sinks.check() or done(), on_tick=tick,
-                          timeout_s=timeout):
+        try:
+            finished = worker.run(until=lambda: sinks.check() or done(), on_tick=tick,
+                                  timeout_s=timeout)
+        finally:
+            ops.close()
+        if not finished:
             raise click.ClickException(
                 f"batch {result.batch_id} is not finished (stopped or timed out); run "
                 "the same command again to finish it")
@@ -430,6 +446,17 @@ def _run_to_the_end(ctx: click.Context, pipe: Pipeline, file: str, progress: Pro
     finally:
         progress.end()
         sinks.stop()
+
+
+def _operations(ctx: click.Context, worker: Any, member: str) -> Operations:
+    """Metrics, monitor and alerts beside a worker (streams/operations.py)."""
+    settings = _settings(ctx)
+    try:
+        return Operations(settings, worker, lambda: Pipeline(settings),
+                          member or f"{os.uname().nodename}-{os.getpid()}")
+    except OSError as exc:  # the port is taken
+        raise UsageProblem(f"--metrics-port {settings.metrics_port}: {exc.strerror}; "
+                           "expected a free port") from None
 
 
 def _batch_finished(pipe: Pipeline, worker: Any, batch_id: str) -> Callable[[], bool]:
@@ -519,7 +546,11 @@ def worker(ctx: click.Context, roles: str, member: str, quiet: bool) -> None:
             w.install_signal_handlers()
             if not quiet:
                 click.echo(f"worker running {', '.join(chosen)} on {pipe.log.url}", err=True)
-            w.run()
+            ops = _operations(ctx, w, member)
+            try:
+                w.run()
+            finally:
+                ops.close()
         except ValueError as exc:
             raise UsageProblem(str(exc)) from None
         except WarehouseBusy as exc:

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from streams import metrics
 from streams.api import Input, Output, Processor
 from streams.faults import crash_armed, crash_point
 from streams.outputs import OutputWriter
@@ -79,6 +80,10 @@ class ProcessorTask:
 
     # -- rebalance ------------------------------------------------------------------------
     def on_assigned(self, tps: Sequence[TopicPartition]) -> None:
+        with metrics.restoring():  # not ready (/readyz) while a partition is restored
+            self._assign(tps)
+
+    def _assign(self, tps: Sequence[TopicPartition]) -> None:
         topic = self.processor.changelog_topic
         for tp in tps:
             started = time.monotonic()
@@ -95,8 +100,13 @@ class ProcessorTask:
                 self.consumer.seek_after(tp, store.applied)
             elif store.applied is None and committed is not None:
                 self.consumer.seek_after(tp, None)
+            took = time.monotonic() - started
+            metrics.on_restore(self.name, tp.partition, took,
+                               sum(len(data) for data in store.data.values()))
             log_.info("%s: restored %s (applied up to %s, generation %d) in %.2fs", self.name,
-                      tp, store.applied, store.generation, time.monotonic() - started)
+                      tp, store.applied, store.generation, took,
+                      extra={"task": self.name, "partition": tp.partition,
+                             "member": self.member})
 
     def on_revoked(self, tps: Sequence[TopicPartition]) -> None:
         self.checkpoint()
@@ -114,7 +124,7 @@ class ProcessorTask:
         """Taken away without a clean revoke (session expired): nothing of these partitions
         may become durable from here, so their state is dropped unwritten."""
         log_.warning("%s: lost %s; dropping their state without a checkpoint", self.name,
-                     ", ".join(map(str, tps)))
+                     ", ".join(map(str, tps)), extra={"task": self.name, "member": self.member})
         self._drop(tps)
 
     def _drop(self, tps: Sequence[TopicPartition]) -> None:
@@ -139,6 +149,7 @@ class ProcessorTask:
                 continue
             schema, value = decode(msg.value)
             record = Input(schema, value, msg.partition, msg.position, msg.timestamp_ms)
+            metrics.on_message(self.name, msg.topic, msg.partition, value)
             store.begin()
             try:
                 outputs = process(store.views, record)
@@ -165,7 +176,9 @@ class ProcessorTask:
 
     def _poison(self, msg: Message, record: Input, exc: Exception) -> list[Output]:
         error = f"{self.name} failed on {msg.tp}@{msg.position}: {type(exc).__name__}: {exc}"
-        log_.error("%s; the message goes to %s and its writes are dropped", error, DEAD_LETTER)
+        log_.error("%s; the message goes to %s and its writes are dropped", error, DEAD_LETTER,
+                   extra={"task": self.name, "partition": msg.partition, "member": self.member,
+                          "batch_id": str(record.value.get("batch_id", ""))})
         dead = Output(DEAD_LETTER, "DeadLetter", {
             "batch_id": str(record.value.get("batch_id", "")),
             "file": f"{msg.tp}@{msg.position}", "row": -1, "reason": error,
@@ -178,6 +191,12 @@ class ProcessorTask:
         self._next_checkpoint = time.monotonic() + self._checkpoint_interval_s
         if not self._uncommitted:
             return
+        started = time.monotonic()
+        self._checkpoint()
+        metrics.on_checkpoint(self.name, time.monotonic() - started)
+        self._snapshot_due()  # timed apart: a snapshot is no part of the checkpoint
+
+    def _checkpoint(self) -> None:
         self.outputs.flush()  # 1. outputs
         crash_point(f"{self.name}.after_outputs")
         producer = self.outputs.producer
@@ -194,7 +213,6 @@ class ProcessorTask:
         crash_point(f"{self.name}.after_changelog")
         committed, self._uncommitted = self._uncommitted, {}
         self.consumer.commit(committed)  # 3. offsets
-        self._snapshot_due()
 
     # -- snapshots ------------------------------------------------------------------------
     def _snapshot_due(self, idle: bool = False) -> None:
@@ -229,7 +247,7 @@ class ProcessorTask:
         owned.covered = True
         crash_point(f"{self.name}.after_snapshot")
         log_.info("%s: snapshot of %s[%d] at %s: %s", self.name, topic, partition,
-                  tail.last_position, key)
+                  tail.last_position, key, extra={"task": self.name, "partition": partition})
 
     def tables(self, name: str) -> dict[str, Any]:
         """A merged read-only view of one table across owned partitions (status, tests)."""

@@ -63,6 +63,12 @@ class Settings:
     warehouse_lock_timeout_s: float = 600.0
     # DynamoDB table mirroring the batch table ("" = none): the status-table role.
     status_table: str = ""
+    # Operating it (streams/operations.py): Prometheus metrics on this port (None = off),
+    # the log format, alerts to a Slack-compatible webhook, and how long a batch may stay open.
+    metrics_port: int | None = None
+    log_format: str = "human"  # human | json
+    alert_webhook: str = ""
+    batch_deadline: str = ""  # a duration (90s, 15m, 2h); "" = no deadline alerts
 
     def problems(self) -> list[str]:
         """What is wrong with these settings, each naming the setting and what was
@@ -92,6 +98,15 @@ class Settings:
             elif "://" in text and not text.startswith(("s3://", "file://")):
                 found.append(f"{flag} {text!r}: expected s3://BUCKET[/PREFIX], "
                              "file:///PATH or a local path")
+        if self.batch_deadline:
+            from streams.alerts import parse_duration
+
+            try:
+                parse_duration(self.batch_deadline)
+            except ValueError as exc:
+                found.append(str(exc))
+        if self.alert_webhook and not self.alert_webhook.startswith(("http://", "https://")):
+            found.append("--alert-webhook: expected an http:// or https:// URL")
         if self.warehouse_lock_timeout_s < 0:
             found.append(f"--warehouse-lock-timeout-s {self.warehouse_lock_timeout_s}: "
                          "expected 0 or more seconds")

@@ -15,10 +15,12 @@ message, and a stamp from there would make the restarted sink skip what it never
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from itertools import pairwise
 from typing import Any, Protocol
 
+from streams import metrics
 from streams.api import Input, Output
 from streams.faults import crash_armed, crash_point
 from streams.outputs import OutputWriter
@@ -160,9 +162,12 @@ class SinkTask:
                     self._fences[msg.partition].append((value["from_position"],
                                                         value["epoch"]))
                 else:
+                    started = time.monotonic()
                     for out in self.sink.process(record):
                         self.outputs.send(out)
                         emitted = True
+                    metrics.on_sink_load(self.sink.name, time.monotonic() - started, value)
+                metrics.on_message(self.name, msg.topic, msg.partition, value)
             # A skipped duplicate may be committed past only where the stamp is kept beside
             # the position; elsewhere the committed message must carry the highest stamp.
             # A duplicate stamped exactly the highest (the re-emitted copy of the last value

@@ -31,6 +31,7 @@ class Worker:
         self.tasks = tasks
         self.stopping = False
         self.processed: dict[str, int] = {t.name: 0 for t in tasks}
+        self.rounds = 0  # full rounds of steps: after the first, every task has joined
 
     def stop(self, signum: int | None = None, _frame: FrameType | None = None) -> None:
         if signum is not None:
@@ -55,6 +56,7 @@ class Worker:
                     n = task.step(timeout_s=0.0)
                     self.processed[task.name] += n
                     busy += n
+                self.rounds += 1
                 now = time.monotonic()
                 if on_tick is not None and now >= next_tick:
                     on_tick(self)

@@ -1,0 +1,176 @@
+"""Prometheus metrics of a worker, and its HTTP endpoints (`--metrics-port P`):
+`/metrics` (the text exposition), `/healthz` (200 while the process serves) and `/readyz`
+(200 once every assigned partition is restored, 503 before).
+
+The metric objects live here and nowhere else; the tasks call the small `on_*` hooks below
+(a few dictionary lookups each, per message, not per row), and the monitor
+(streams/monitor.py) sets the gauges that come from the log and the batch table. Processors
+never see any of it: they stay pure folds.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+_DURATIONS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+MESSAGES = Counter("streams_messages_processed_total",
+                   "Messages a task processed, per input topic and partition.",
+                   ["task", "topic", "partition"])
+RECORDS = Counter("streams_records_processed_total",
+                  "Records (rows, changes) in the messages a task processed.",
+                  ["task", "topic", "partition"])
+LAG = Gauge("streams_consumer_lag_messages",
+            "Messages after the group's committed position.", ["group", "topic", "partition"])
+LAG_SECONDS = Gauge("streams_consumer_lag_seconds",
+                    "Age of the oldest message the group has not committed (where the log "
+                    "keeps message times).", ["group", "topic", "partition"])
+CHECKPOINT = Histogram("streams_checkpoint_duration_seconds",
+                       "A processor checkpoint: outputs, changelog, offsets.", ["task"],
+                       buckets=_DURATIONS)
+RESTORE = Histogram("streams_state_restore_duration_seconds",
+                    "Restoring a partition's state (snapshot + changelog tail) and claiming it.",
+                    ["task"], buckets=_DURATIONS)
+RESTORE_KEYS = Gauge("streams_state_restored_keys",
+                     "Keys in a partition's tables after its last restore.", ["task", "partition"])
+SINK_LOAD = Histogram("streams_sink_load_duration_seconds",
+                      "A sink handling one message (staging, writing, merging at end markers).",
+                      ["sink"], buckets=_DURATIONS)
+SINK_ROWS = Counter("streams_sink_rows_total", "Rows a sink was given to load.", ["sink"])
+BATCHES = Gauge("streams_batches", "Batches in the batch table, by status.", ["status"])
+REJECTED = Gauge("streams_rejected_rows",
+                 "Rejected rows over every batch in the batch table (a counter that the "
+                 "table's fold keeps; a gauge because it is read, not counted, here).")
+DEAD_LETTERS = Gauge("streams_dead_letters", "Messages on the dead-letter topic.")
+OLDEST_OPEN = Gauge("streams_oldest_open_batch_age_seconds",
+                    "Seconds since the oldest batch that is neither closed nor failed was "
+                    "submitted (0: none open).")
+ALERTS = Counter("streams_alerts_sent_total", "Alerts the webhook accepted, by cause.",
+                 ["cause"])
+ALERT_FAILURES = Counter("streams_alert_attempts_failed_total",
+                         "Webhook attempts that failed (each retried with backoff).")
+MONITOR_PASSES = Counter("streams_monitor_passes_total",
+                         "Reads of the batch table and the groups' positions by the monitor.")
+READY = Gauge("streams_ready", "1 once every assigned partition is restored.")
+STATUSES = ("submitted", "published", "closed", "failed")
+
+
+def _count(value: Any) -> int:
+    count = value.get("count") if isinstance(value, dict) else None
+    return count if isinstance(count, int) else 1
+
+
+# -- hooks the tasks call ----------------------------------------------------------------
+def on_message(task: str, topic: str, partition: int, value: Any) -> None:
+    labels = (task, topic, str(partition))
+    MESSAGES.labels(*labels).inc()
+    RECORDS.labels(*labels).inc(_count(value))
+
+
+def on_restore(task: str, partition: int, seconds: float, keys: int) -> None:
+    RESTORE.labels(task).observe(seconds)
+    RESTORE_KEYS.labels(task, str(partition)).set(keys)
+
+
+_restores = 0  # partitions being restored now, in this process
+_restores_lock = threading.Lock()
+
+
+@contextmanager
+def restoring() -> Iterator[None]:
+    global _restores
+    with _restores_lock:
+        _restores += 1
+    try:
+        yield
+    finally:
+        with _restores_lock:
+            _restores -= 1
+
+
+def restores_running() -> int:
+    return _restores
+
+
+def on_checkpoint(task: str, seconds: float) -> None:
+    CHECKPOINT.labels(task).observe(seconds)
+
+
+def on_sink_load(sink: str, seconds: float, value: Any) -> None:
+    SINK_LOAD.labels(sink).observe(seconds)
+    if isinstance(value, dict) and isinstance(value.get("count"), int):
+        SINK_ROWS.labels(sink).inc(value["count"])
+
+
+# -- what the monitor reads --------------------------------------------------------------
+def set_lag(positions: Iterable[Any], ages_s: dict[tuple[str, str, int], float]) -> None:
+    """`positions`: topics.log.GroupPosition; `ages_s`: (group, topic, partition) -> age of
+    the oldest uncommitted message, where known."""
+    for gp in positions:
+        labels = (gp.group, gp.tp.topic, str(gp.tp.partition))
+        LAG.labels(*labels).set(gp.lag)
+        age = ages_s.get((gp.group, gp.tp.topic, gp.tp.partition))
+        if age is not None or not gp.lag:
+            LAG_SECONDS.labels(*labels).set(age or 0.0)
+
+
+def set_batches(by_status: dict[str, int], rejected: int, oldest_open_s: float,
+                dead_letters: int) -> None:
+    for status in {*STATUSES, *by_status}:
+        BATCHES.labels(status).set(by_status.get(status, 0))
+    REJECTED.set(rejected)
+    OLDEST_OPEN.set(oldest_open_s)
+    DEAD_LETTERS.set(dead_letters)
+
+
+# -- the endpoints -----------------------------------------------------------------------
+class MetricsServer:
+    """/metrics, /healthz, /readyz on HOST:PORT, served by a daemon thread (a scrape never
+    waits for the worker's loop, nor the loop for a scrape)."""
+
+    def __init__(self, port: int, ready: Callable[[], bool], host: str = "0.0.0.0"):
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                path = self.path.split("?", 1)[0]
+                if path == "/metrics":
+                    outer._answer(self, 200, generate_latest(), CONTENT_TYPE_LATEST)
+                elif path == "/healthz":
+                    outer._answer(self, 200, b"ok\n")
+                elif path == "/readyz":
+                    ok = outer.ready()
+                    outer._answer(self, 200 if ok else 503,
+                                  b"ready\n" if ok else b"restoring partitions\n")
+                else:
+                    outer._answer(self, 404, b"not found: /metrics, /healthz, /readyz\n")
+
+            def log_message(self, *_args: Any) -> None:
+                pass  # scrapes every few seconds would flood the log
+
+        self.ready = lambda: bool(ready())
+        self.server = ThreadingHTTPServer((host, port), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, name="metrics",
+                                       daemon=True)
+        self.thread.start()
+
+    @staticmethod
+    def _answer(handler: BaseHTTPRequestHandler, code: int, body: bytes,
+                kind: str = "text/plain; charset=utf-8") -> None:
+        handler.send_response(code)
+        handler.send_header("Content-Type", kind)
+        handler.send_header("Content-Length", str(len(body)))
+        handler.end_headers()
+        handler.wfile.write(body)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
