@@ -18,7 +18,6 @@ import stat
 import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
 from typing import Any
 
 import click
@@ -26,9 +25,10 @@ from click.core import ParameterSource
 
 from connectors.importer import ImportRefused, ImportResult
 from connectors.rows import MODES, InputFileError
-from connectors.spool import import_in_progress
-from processors.pipeline_state import SUBMITTED, BatchStatus
+from processors.pipeline_state import BatchStatus
 from streams import logs
+from streams.batch_view import shown_status as _shown_status
+from streams.batch_view import ts as _ts
 from streams.child_worker import ChildWorker, ChildWorkerDied
 from streams.operations import Operations
 from streams.pipeline import (
@@ -471,20 +471,6 @@ def _batch_finished(pipe: Pipeline, worker: Any, batch_id: str) -> Callable[[], 
     return done
 
 
-def _ts(ms: int | None) -> str:
-    if ms is None:
-        return "-"
-    return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
-
-
-def _age(ms: int | None) -> str:
-    seconds = max(0.0, time.time() - (ms or 0) / 1000)
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{seconds / size:.0f}{unit}"
-    return f"{seconds:.0f}s"
-
-
 SUMMARY_SEGMENTS = 10
 
 
@@ -566,20 +552,23 @@ def worker(ctx: click.Context, roles: str, member: str, quiet: bool) -> None:
         pipe.close()
 
 
-def _shown_status(s: BatchStatus, spool_dir: Any) -> tuple[str, str]:
-    """(status, note): a submitted batch whose import process is gone is interrupted."""
-    if s.status == SUBMITTED and not import_in_progress(spool_dir, s.batch_id):
-        return "interrupted", (f"import stopped, submitted {_age(s.submitted_at)} ago: run "
-                               "the same command again to finish it")
-    return s.status, s.error
-
-
 @command()
 @click.argument("batch", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--watch", is_flag=True,
+              help="Refresh until BATCH closes (exit 0) or fails (exit 1).")
+@click.option("--interval", type=click.FloatRange(0.05), default=1.0,
+              help="--watch: seconds between refreshes.")
+@click.option("--timeout", type=click.FloatRange(0), default=None,
+              help="--watch: give up after this many seconds (exit 1).")
 @click.pass_context
-def status(ctx: click.Context, batch: str | None, as_json: bool) -> None:
+def status(ctx: click.Context, batch: str | None, as_json: bool, watch: bool,
+           interval: float, timeout: float | None) -> None:
     """Show the status of every batch, or of BATCH."""
+    if watch:
+        from streams.status_watch import watch_batch
+
+        sys.exit(watch_batch(ctx, batch, interval, timeout))
     pipe = _pipeline(ctx)
     try:
         batches = pipe.batches()
@@ -598,16 +587,21 @@ def status(ctx: click.Context, batch: str | None, as_json: bool) -> None:
             out.append(raw)
         click.echo(json.dumps(out, indent=2))
         return
-    header = f"{'BATCH':26} {'STATUS':11} {'ROWS':>10} {'REJECTED':>9} {'CHANGES':>10}  " \
-             f"{'SUBMITTED':24} {'CLOSED':24} ERROR"
-    click.echo(header)
+    click.echo("\n".join(status_table(chosen, spool_dir, batch)))
+
+
+def status_table(chosen: list[BatchStatus], spool_dir: Any, batch: str | None) -> list[str]:
+    """The lines of `streams status` (and of each refresh of `--watch`)."""
+    lines = [f"{'BATCH':26} {'STATUS':11} {'ROWS':>10} {'REJECTED':>9} {'CHANGES':>10}  "
+             f"{'SUBMITTED':24} {'CLOSED':24} ERROR"]
     for s in chosen:
         shown, note = _shown_status(s, spool_dir)
-        click.echo(f"{s.batch_id:26} {shown:11} {s.rows:>10,} {s.rejected:>9,} "
-                   f"{s.changes:>10,}  {_ts(s.submitted_at):24} {_ts(s.closed_at):24} "
-                   f"{note}")
-    if batch and chosen[0].rejected:
-        click.echo(f"{chosen[0].rejected:,} rejected rows: see streams dead-letters {batch}")
+        lines.append(f"{s.batch_id:26} {shown:11} {s.rows:>10,} {s.rejected:>9,} "
+                     f"{s.changes:>10,}  {_ts(s.submitted_at):24} {_ts(s.closed_at):24} "
+                     f"{note}")
+    if batch and chosen and chosen[0].rejected:
+        lines.append(f"{chosen[0].rejected:,} rejected rows: see streams dead-letters {batch}")
+    return lines
 
 
 @command()
@@ -711,6 +705,12 @@ def dead_letters(ctx: click.Context, batch: str | None, limit: int) -> None:
                        + (f" | raw: {raw}" if raw else ""))
     finally:
         pipe.close()
+
+
+# Commands kept in modules of their own, registered on the group here.
+from streams.status_page import register as _register_serve  # noqa: E402
+
+_register_serve()
 
 
 def main() -> None:
