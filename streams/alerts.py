@@ -91,11 +91,14 @@ def due(batches: Iterable[BatchStatus], now_ms: int, deadline_s: float | None,
 
 def message(s: BatchStatus, cause: str, now_ms: int, deadline_s: float | None) -> str:
     """The alert's text: what happened, the batch, the step, the error, where to look."""
-    head = {FAILED: f":red_circle: batch `{s.batch_id}` failed",
-            BUDGET: f":red_circle: batch `{s.batch_id}` failed: over its error budget",
-            DEADLINE: f":warning: batch `{s.batch_id}` is still {s.status} after "
-                      f"{(now_ms - (s.submitted_at or now_ms)) / 1000:.0f}s "
-                      f"(deadline {deadline_s:.0f}s)"}[cause]
+    if cause == DEADLINE:
+        head = (f":warning: batch `{s.batch_id}` is still {s.status} after "
+                f"{(now_ms - (s.submitted_at or now_ms)) / 1000:.0f}s "
+                f"(deadline {deadline_s or 0:.0f}s)")
+    elif cause == BUDGET:
+        head = f":red_circle: batch `{s.batch_id}` failed: over its error budget"
+    else:
+        head = f":red_circle: batch `{s.batch_id}` failed"
     lines = [head, f"source: {s.source}", f"rows: {s.rows:,} ({s.rejected:,} rejected)"]
     if s.failed_step or s.error:
         lines.append(f"step: {s.failed_step or '-'}; error: {s.error}")
