@@ -149,7 +149,7 @@ class ProcessorTask:
                 continue
             schema, value = decode(msg.value)
             record = Input(schema, value, msg.partition, msg.position, msg.timestamp_ms)
-            metrics.on_message(self.name, msg.topic, msg.partition, value)
+            metrics.on_message(self.name, msg.topic, msg.partition, schema, value)
             store.begin()
             try:
                 outputs = process(store.views, record)

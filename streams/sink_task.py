@@ -166,8 +166,9 @@ class SinkTask:
                     for out in self.sink.process(record):
                         self.outputs.send(out)
                         emitted = True
-                    metrics.on_sink_load(self.sink.name, time.monotonic() - started, value)
-                metrics.on_message(self.name, msg.topic, msg.partition, value)
+                    metrics.on_sink_load(self.sink.name, time.monotonic() - started, schema,
+                                         value)
+                metrics.on_message(self.name, msg.topic, msg.partition, schema, value)
             # A skipped duplicate may be committed past only where the stamp is kept beside
             # the position; elsewhere the committed message must carry the highest stamp.
             # A duplicate stamped exactly the highest (the re-emitted copy of the last value

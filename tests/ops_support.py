@@ -81,10 +81,16 @@ class RecordingWebhook:
         self.server.server_close()
 
 
-def scrape(port: int) -> dict[str, Any]:
-    """/metrics parsed: family name -> family (prometheus_client's parser)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
-        text = answer.read().decode()
+def scrape(port: int, up: bool = False) -> dict[str, Any]:
+    """/metrics parsed: family name -> family (prometheus_client's parser). `up`: the
+    endpoint must answer; otherwise nothing is there yet ({}) while it is starting."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+    except OSError:
+        if up:
+            raise
+        return {}
     return {f.name: f for f in text_string_to_metric_families(text)}
 
 
