@@ -45,6 +45,7 @@ td.n{text-align:right;font-variant-numeric:tabular-nums}
 .closed{background:#d9f2d9}.failed{background:#f8d0d0}.published,.submitted{background:#fff1c2}
 .interrupted{background:#e5e5e5}.error{color:#a00;white-space:pre-wrap}
 .yes{color:#070}.no{color:#a60}code{font-size:13px}
+td.id,td.t{white-space:nowrap}td.error{min-width:18em;max-width:40em}
 """
 
 
@@ -88,19 +89,25 @@ def _status_cell(shown: str) -> str:
     return f'<span class="status {e(shown)}" data-status="{e(shown)}">{e(shown)}</span>'
 
 
+def _when(ms: int | None) -> str:
+    """A time cell: month-day and time shown (UTC), the full stamp as its title."""
+    short = ts(ms)[5:19] if ms is not None else "-"
+    return f'<td class="t" title="{e(ts(ms))}">{e(short)}</td>'
+
+
 def index_page(reader: StateReader) -> str:
     batches = sorted(reader.batches().values(), key=lambda s: -(s.submitted_at or 0))
     rows = []
     for s in batches:
         shown, note = batch_view.shown_status(s, reader.spool_dir)
         rows.append(
-            f'<tr data-batch="{e(s.batch_id)}"><td><a href="/batches/{quote(s.batch_id)}">'
-            f"{e(s.batch_id)}</a></td><td>{_status_cell(shown)}</td><td>{e(s.source)}</td>"
+            f'<tr data-batch="{e(s.batch_id)}"><td class="id"><a href="/batches/'
+            f'{quote(s.batch_id)}">{e(s.batch_id)}</a></td><td>{_status_cell(shown)}</td>'
+            f'<td title="{e(s.source)}">{e(Path(s.source).name or s.source)}</td>'
             f"<td>{e(s.mode)}</td><td>{e(', '.join(s.segments))}</td>"
             f'<td class="n">{s.rows:,}</td><td class="n rejected">{s.rejected:,}</td>'
-            f'<td class="n">{s.changes:,}</td><td>{e(ts(s.submitted_at))}</td>'
-            f"<td>{e(ts(s.published_at))}</td><td>{e(ts(s.applied_at))}</td>"
-            f"<td>{e(ts(s.closed_at or s.failed_at))}</td>"
+            f'<td class="n">{s.changes:,}</td>{_when(s.submitted_at)}{_when(s.published_at)}'
+            f"{_when(s.applied_at)}{_when(s.closed_at or s.failed_at)}"
             f'<td class="error">{e(f"{s.failed_step}: {note}" if s.failed_step else note)}'
             "</td></tr>")
     fresh = "".join(
