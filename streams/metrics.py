@@ -84,11 +84,18 @@ def _rows(schema: str, value: Any) -> int | None:
 
 
 # -- hooks the tasks call ----------------------------------------------------------------
+_children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+
 def on_message(task: str, topic: str, partition: int, schema: str, value: Any) -> None:
-    labels = (task, topic, str(partition))
-    MESSAGES.labels(*labels).inc()
+    key = (task, topic, partition)
+    pair = _children.get(key)
+    if pair is None:  # labels() takes a lock and builds a key: once per partition
+        labels = (task, topic, str(partition))
+        pair = _children[key] = (MESSAGES.labels(*labels), RECORDS.labels(*labels))
+    pair[0].inc()
     rows = _rows(schema, value)
-    RECORDS.labels(*labels).inc(1 if rows is None else rows)
+    pair[1].inc(1 if rows is None else rows)
 
 
 def on_restore(task: str, partition: int, seconds: float, keys: int) -> None:
