@@ -211,7 +211,7 @@ def test_a_failed_batch_is_alerted_once_across_restarts(tmp_path: Path, data_dir
 
 def test_status_watch_exit_codes(tmp_path: Path, data_dir: Path) -> None:
     closed = run_cli("run", str(_input(tmp_path, 100, 0)), "--segment", "s", "-q",
-                     data_dir=data_dir)
+                     "--metrics-port", str(free_port()), data_dir=data_dir)  # P and P+1
     assert "closed" in closed.stdout
     failed = run_cli("run", str(_input(tmp_path, 100, 30, seed=3)), "--segment", "s", "-q",
                      data_dir=data_dir, check=False)
@@ -242,3 +242,28 @@ def test_status_watch_exit_codes(tmp_path: Path, data_dir: Path) -> None:
         worker.stop()
     assert watch.returncode == 0
     assert "published" in out and out.rstrip().splitlines()[-1].split()[1] == "closed"
+
+
+@pytest.mark.parametrize("args, message", [
+    (("--batch-deadline", "soon"), "--batch-deadline 'soon': expected a duration"),
+    (("--alert-webhook", "ftp://x"), "--alert-webhook: expected an http:// or https:// URL"),
+    (("--log-format", "xml"), "'xml' is not one of 'human', 'json'"),
+])
+def test_operator_settings_are_checked(data_dir: Path, args: tuple[str, ...],
+                                       message: str) -> None:
+    proc = run_cli("worker", *args, data_dir=data_dir, check=False, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_metrics_port_in_use_is_a_usage_error(data_dir: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run_cli("worker", "--metrics-port", str(port), data_dir=data_dir, check=False,
+                       timeout=60)
+    assert proc.returncode == 2
+    assert f"--metrics-port {port}: Address already in use" in proc.stderr
