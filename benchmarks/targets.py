@@ -29,8 +29,15 @@ def _cpu_s(pids: list[int]) -> float:
     total = 0.0
     for pid in pids:
         with contextlib.suppress(psutil.Error):
-            t = psutil.Process(pid).cpu_times()
-            total += t.user + t.system
+            proc = psutil.Process(pid)
+            # PostgreSQL forks a backend per connection: live ones, and the exited ones
+            # the postmaster has reaped (its children_* times)
+            for p in [proc, *proc.children(recursive=True)]:
+                with contextlib.suppress(psutil.Error):
+                    t = p.cpu_times()
+                    total += t.user + t.system
+            t = proc.cpu_times()
+            total += t.children_user + t.children_system
     return total
 
 
@@ -49,7 +56,7 @@ class TargetServers:
         if self.postgres_dir:
             import psutil
 
-            for proc in psutil.process_iter(["cmdline"]):
+            for proc in psutil.process_iter(["cmdline"]):  # the postmaster: -D <its dir>
                 with contextlib.suppress(psutil.Error, TypeError):
                     if any(self.postgres_dir in part for part in proc.info["cmdline"]):
                         pids.append(proc.pid)
