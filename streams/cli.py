@@ -85,6 +85,9 @@ GROUP_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("--warehouse-iam-role",), dict(default="",
                                     help="Redshift: IAM role ARN its COPY reads the S3 "
                                          "sink's objects with.")),
+    (("--warehouse-s3-wait-s",), dict(type=click.FloatRange(0), default=600.0,
+                                     help="Redshift: how long a merge waits for the S3 sink "
+                                          "to close the partition it COPYs.")),
     (("--warehouse-threads",), dict(type=click.IntRange(1), default=1,
                                    help="DuckDB threads of the warehouse sink: its merges are "
                                         "per (batch, partition) and leave the other cores to "

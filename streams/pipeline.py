@@ -102,7 +102,13 @@ class Pipeline:
         s = self.settings
         if s.warehouse_dialect != "duckdb":
             # A server: many workers write at once, each through its own bounded pool.
-            return open_warehouse(s.warehouse_url, **s.warehouse_options())
+            options = s.warehouse_options()
+            if s.warehouse_dialect == "redshift":
+                # Its COPYs read the S3 sink's objects, which another worker may still write.
+                from connectors.object_store import open_store
+
+                options["exists"] = open_store(s.object_root).exists
+            return open_warehouse(s.warehouse_url, **options)
         from connectors.warehouses.duckdb import is_transient
 
         path = s.warehouse_path

@@ -38,6 +38,8 @@ class Settings:
     warehouse_max_connections: int = 2
     # Redshift: the IAM role its COPY reads the S3 sink's objects with.
     warehouse_iam_role: str = ""
+    # Redshift: how long a merge waits for the S3 sink to close the partition it COPYs.
+    warehouse_s3_wait_s: float = 600.0
     warehouse_threads: int = 1
     warehouse_memory_limit: str = ""  # DuckDB's memory_limit; "" keeps DuckDB's default
     max_rejects: str = "1%"
@@ -192,7 +194,8 @@ class Settings:
         if self.warehouse_dialect == "redshift":
             # By convention the warehouse reads the S3 sink's objects where it writes them.
             options.update(s3_root=str(self.s3_root or ""), prefix=self.s3_prefix,
-                           fmt=self.s3_format, iam_role=self.warehouse_iam_role)
+                           fmt=self.s3_format, iam_role=self.warehouse_iam_role,
+                           s3_wait_s=self.warehouse_s3_wait_s)
         return options
 
     @property

@@ -20,9 +20,10 @@ from psycopg import errors as pgerrors
 from connectors.warehouses import dialect_of, open_warehouse
 from connectors.warehouses.base import LoadResult, Warehouse, WarehouseError
 from connectors.warehouses.postgres import PostgresWarehouse, is_transient, redact
+from connectors.warehouses.redshift import RedshiftWarehouse
 from tests.postgres_server import fresh_database
 from tests.test_warehouse import Item, chunk, chunks_of, partition_log
-from tests.warehouse_dialects import RedshiftOnPostgres, member_rows, open_dialect
+from tests.warehouse_dialects import PREFIX, RedshiftOnPostgres, member_rows, open_dialect
 
 DIALECTS = ["duckdb", "postgres", "redshift"]
 
@@ -364,5 +365,55 @@ def test_redshift_statements_parse_and_copies_are_exact(tmp_path: Path,
             tree = sqlglot.parse_one(statement.replace("%s", "1"), read="redshift")
             if statement != "LOCK load_ledger":  # sqlglot keeps LOCK as a raw command
                 assert type(tree).__name__ != "Command", statement
+    finally:
+        wh.close()
+
+
+class RedshiftAwaitingS3(RedshiftOnPostgres):
+    """The S3 sink closes the partition in another worker: `exists` sees the local store,
+    and the partition is closed there only after the merge polled `late` times."""
+
+    def __init__(self, url: str, root: Path, late: int | None, **options: Any):
+        self.polls: list[str] = []
+        self.late = late
+        self.pending: tuple[str, int, int] | None = None
+        super().__init__(url, root, exists=self._exists_polled, **options)
+
+    def _exists_polled(self, key: str) -> bool:
+        self.polls.append(key)
+        if self.pending and self.late is not None and len(self.polls) > self.late:
+            batch, partition, end = self.pending
+            self.sink.close_partition(batch, partition, self.partitions, end)
+            self.pending = None
+        return (self.root / key).exists()
+
+    def merge(self, batch_id: str, partition: int, end_position: int) -> LoadResult:
+        self.pending = (batch_id, partition, end_position)  # not closed yet
+        return RedshiftWarehouse.merge(self, batch_id, partition, end_position)
+
+
+def test_redshift_merge_waits_for_the_s3_sink_to_close_the_partition(
+        tmp_path: Path, postgres_url: str) -> None:
+    wh = RedshiftAwaitingS3(postgres_url, tmp_path / "s3", late=3)
+    try:
+        wh.stage(chunk("B", 0, 20, [("u", "s", "add", 1), ("v", "s", "add", 2)]))
+        assert wh.merge("B", 0, 30) == LoadResult("B", 0, 2, 2, 0)
+        manifest = f"{PREFIX}/batch=B/partition=0/_manifest.json"
+        assert wh.polls[:4] == [manifest] * 4  # three misses, then there
+        assert wh.members() == [("s", "u"), ("s", "v")]
+    finally:
+        wh.close()
+
+
+def test_redshift_merge_gives_up_naming_what_the_s3_sink_never_wrote(
+        tmp_path: Path, postgres_url: str) -> None:
+    wh = RedshiftAwaitingS3(postgres_url, tmp_path / "s3", late=None, s3_wait_s=0.3)
+    try:
+        wh.stage(chunk("B", 0, 20, [("u", "s", "add", 1)]))
+        with pytest.raises(WarehouseError, match=r"batch B partition 0: s3://test-bucket/lake/"
+                           r"audience/segment-changes/batch=B/partition=0/_manifest.json is "
+                           r"not there after 0.3s"):
+            wh.merge("B", 0, 30)
+        assert wh.ledger() == [] and wh.members() == []
     finally:
         wh.close()

@@ -1,17 +1,18 @@
 """Warehouses by URL: a DuckDB path or `duckdb:///path` (the default), `postgresql://...`
 (or `postgres://...`), `redshift://...`. Each dialect lives in its own module and is
-imported only when used (psycopg is an optional dependency)."""
+imported only when used (psycopg is an optional dependency; pyarrow and DuckDB weigh ~50 MB
+in a process that only imports)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from connectors.warehouses.base import LedgerRow, LoadResult, Warehouse, WarehouseError
+if TYPE_CHECKING:  # base imports pyarrow: not for a settings check (`streams import`)
+    from connectors.warehouses.base import Warehouse
 
-__all__ = ["LedgerRow", "LoadResult", "Warehouse", "WarehouseError", "dialect_of",
-           "open_warehouse"]
+__all__ = ["dialect_of", "duckdb_path", "open_warehouse"]
 
 
 def _duckdb(url: str, options: dict[str, Any]) -> Warehouse:

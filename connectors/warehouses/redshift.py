@@ -5,9 +5,11 @@ chunk as `<s3_root>/<prefix>/batch=<id>/partition=<p>/part-<position>-<part>.par
 when it closes (batch, partition), that partition's `_manifest.json` (a Redshift COPY
 manifest with content_length). The Redshift warehouse writes nothing to S3: it assumes the
 S3 sink runs with the same --s3-root, --s3-prefix and --s3-format parquet, and has closed a
-(batch, partition) before the warehouse merges it (a COPY of a manifest or object not yet
-there fails the merge: nothing waits for the S3 sink yet). So stage() only notes the chunk, and
-the merge at the end marker of (B, p), in one transaction:
+(batch, partition) before the warehouse merges it. The two sinks run apart (roles, workers),
+so a merge first waits, bounded, until the objects its COPYs name exist (`exists`, the S3
+sink's store); past the bound it fails naming the batch, the partition and the missing key.
+So stage() only notes the chunk, and the merge at the end marker of (B, p), in one
+transaction:
 
 1. LOCK load_ledger (Redshift enforces no primary key: the lock makes the ledger check and
    the ledger row once-only; Redshift serialises writers anyway),
@@ -26,6 +28,7 @@ removal, comes only in that marker's own messages, one change per key).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -39,6 +42,7 @@ from connectors.warehouses.base import (
     STATUS_COLUMNS,
     TIMESTAMP_COLUMNS,
     Tx,
+    WarehouseError,
     chunk_bounds,
     status_table,
 )
@@ -164,13 +168,19 @@ class RedshiftWarehouse(PostgresWarehouse):
 
     def __init__(self, url: str, *, s3_root: str, prefix: str = "audience/segment-changes",
                  fmt: str = "parquet", iam_role: str = "",
-                 trace: Callable[[str], None] | None = None, **options: Any) -> None:
+                 trace: Callable[[str], None] | None = None,
+                 exists: Callable[[str], bool] | None = None, s3_wait_s: float = 600.0,
+                 **options: Any) -> None:
         if fmt != "parquet":
             raise ValueError(f"--s3-format {fmt!r}: the Redshift warehouse COPYs Parquet")
         self.s3_root = s3_url(s3_root)
         self.prefix = prefix.strip("/")
         self.iam_role = iam_role
         self._trace = trace  # sees every statement this class runs (tests parse them)
+        # Whether a key (relative to s3_root) is on S3 yet; None: do not wait (the caller
+        # orders the sinks itself).
+        self._exists = exists
+        self.s3_wait_s = s3_wait_s
         # Open (batch, partition) -> first stamps of its chunks noted so far.
         self._chunks: dict[tuple[str, int], dict[tuple[int, int], tuple[int, int]]] = {}
         self.redshift_url = url
@@ -192,23 +202,47 @@ class RedshiftWarehouse(PostgresWarehouse):
 
     # -- where the S3 sink put things --------------------------------------------------
 
-    def _partition_url(self, batch_id: str, partition: int) -> str:
-        return f"{self.s3_root}/{self.prefix}/batch={batch_id}/partition={partition}"
+    def _sources(self, batch_id: str, partition: int, end_position: int) -> list[str]:
+        """What a merge COPYs, as keys under s3_root: the batch's partition manifest, then
+        the chunks of the partition's other open batches flushed before its end marker."""
+        out = [f"{self._partition_key(batch_id, partition)}/_manifest.json"]
+        for (other, p), chunks in sorted(self._chunks.items()):
+            if p != partition or other == batch_id:
+                continue
+            out.extend(f"{self._partition_key(other, p)}/{object_name(*first, 'parquet')}"
+                       for first in sorted(chunks) if first[0] <= end_position)
+        return out
+
+    def _partition_key(self, batch_id: str, partition: int) -> str:
+        return f"{self.prefix}/batch={batch_id}/partition={partition}"
 
     def copy_statements(self, batch_id: str, partition: int, end_position: int) -> list[str]:
         """The COPYs of a merge: the batch's partition manifest, and the chunks of the
         partition's other open batches flushed before its end marker, by key."""
         creds = f" IAM_ROLE {quote(self.iam_role)}" if self.iam_role else ""
-        manifest = f"{self._partition_url(batch_id, partition)}/_manifest.json"
-        out = [f"COPY staged_load FROM {quote(manifest)}{creds} MANIFEST FORMAT AS PARQUET"]
-        for (other, p), chunks in sorted(self._chunks.items()):
-            if p != partition or other == batch_id:
-                continue
-            for first in sorted(chunks):
-                if first[0] <= end_position:
-                    key = f"{self._partition_url(other, p)}/{object_name(*first, 'parquet')}"
-                    out.append(f"COPY staged_load FROM {quote(key)}{creds} FORMAT AS PARQUET")
+        manifest, *chunks = self._sources(batch_id, partition, end_position)
+        out = [f"COPY staged_load FROM {quote(self.s3_root + '/' + manifest)}{creds}"
+               " MANIFEST FORMAT AS PARQUET"]
+        out.extend(f"COPY staged_load FROM {quote(self.s3_root + '/' + key)}{creds}"
+                   " FORMAT AS PARQUET" for key in chunks)
         return out
+
+    def _await_sources(self, batch_id: str, partition: int, end_position: int) -> None:
+        """Waits (bounded, backing off) until the S3 sink has written what the merge COPYs."""
+        if self._exists is None:
+            return
+        deadline = time.monotonic() + self.s3_wait_s
+        delay = 0.05
+        for key in self._sources(batch_id, partition, end_position):
+            while not self._exists(key):
+                if time.monotonic() >= deadline:
+                    raise WarehouseError(
+                        f"Redshift merge of batch {batch_id} partition {partition}: "
+                        f"{self.s3_root}/{key} is not there after {self.s3_wait_s:g}s; the "
+                        "S3 sink (the s3 role, with the same --s3-root, --s3-prefix and "
+                        "--s3-format parquet) writes it when it closes the partition")
+                time.sleep(min(delay, max(0.0, deadline - time.monotonic())))
+                delay = min(delay * 2, 2.0)
 
     # -- loads ------------------------------------------------------------------------
 
@@ -226,6 +260,7 @@ class RedshiftWarehouse(PostgresWarehouse):
         self._exec(cur, "LOCK load_ledger")
 
     def merge(self, batch_id: str, partition: int, end_position: int) -> Any:
+        self._await_sources(batch_id, partition, end_position)
         result = super().merge(batch_id, partition, end_position)
         # Everything noted of the partition up to the marker is merged (or was already).
         for key in [k for k in self._chunks if k[1] == partition]:
