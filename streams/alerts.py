@@ -233,9 +233,9 @@ class Webhook:
             error = self._post(alert)
             if error is None:
                 self.outbox.mark_sent(alert)
-                metrics.ALERTS.labels(alert.cause).inc()
+                metrics.on_alert_sent(alert.cause)
                 return
-            metrics.ALERT_FAILURES.inc()
+            metrics.on_alert_failed()
             log_.warning("alert webhook %s: %s; retrying in %.1fs", redact(self.url),
                          redact(error), backoff,
                          extra={"batch_id": alert.batch_id, "cause": alert.cause})

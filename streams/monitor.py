@@ -75,7 +75,7 @@ class Monitor:
                 if due:
                     self.webhook.notify(due)
                     self._known |= {a.key for a in due}
-            metrics.MONITOR_PASSES.inc()
+            metrics.on_monitor_pass()
 
     def _log_changes(self, batches: list[BatchStatus]) -> None:
         """A line per batch whose status changed since the last pass (none on the first:
