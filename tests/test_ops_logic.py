@@ -218,3 +218,31 @@ def test_queued_alerts_survive_a_restart_and_are_sent_once(tmp_path: Path) -> No
         third.close()
         up.close()
     assert [b["batch_id"] for b in up.accepted] == ["b-9"]
+
+
+# -- readiness ---------------------------------------------------------------------------
+def test_readyz_waits_for_the_first_round_and_for_every_restore(tmp_path: Path) -> None:
+    """/readyz: 503 before the worker's first round of steps (tasks joining, restoring) and
+    while any partition is restored (a rebalance later), 200 otherwise; /healthz always."""
+    from types import SimpleNamespace
+
+    from streams import metrics
+    from streams.operations import Operations
+    from streams.settings import Settings
+    from tests.ops_support import http_status
+
+    worker = SimpleNamespace(rounds=0)
+    ops = Operations(Settings(data_dir=tmp_path, metrics_port=0), worker, lambda: None,
+                     monitor=False)
+    try:
+        assert ops.server is not None
+        base = f"http://127.0.0.1:{ops.server.port}"
+        assert http_status(f"{base}/healthz") == 200
+        assert http_status(f"{base}/readyz") == 503
+        worker.rounds = 1
+        assert http_status(f"{base}/readyz") == 200
+        with metrics.restoring():
+            assert http_status(f"{base}/readyz") == 503
+        assert http_status(f"{base}/readyz") == 200
+    finally:
+        ops.close()
