@@ -375,7 +375,7 @@ def import_(ctx: click.Context, file: str, quiet: bool, **opts: Any) -> None:
     input (give --format)."""
     pipe = _pipeline(ctx)
     try:
-        result = _run_import(pipe, file, Progress(quiet), **opts)
+        result = _run_import(pipe, file, _progress(ctx, quiet), **opts)
         _print_import(result)
         if result.outcome == "failed":
             sys.exit(1)
@@ -391,7 +391,7 @@ def run(ctx: click.Context, file: str, quiet: bool, timeout: float | None, **opt
     """Import FILE, process it and deliver it until the batch is closed: the import and the
     processors run here, the sinks in a child process (both cores). FILE - reads standard
     input (give --format)."""
-    progress = Progress(quiet)
+    progress = _progress(ctx, quiet)
     pipe = _pipeline(ctx)
     try:
         result = _run_to_the_end(ctx, pipe, file, progress, timeout, opts)
@@ -449,6 +449,12 @@ def _run_to_the_end(ctx: click.Context, pipe: Pipeline, file: str, progress: Pro
     finally:
         progress.end()
         sinks.stop()
+
+
+def _progress(ctx: click.Context, quiet: bool) -> Progress:
+    """Progress on stderr; none with --log-format json off a terminal (stderr stays JSON)."""
+    _settings(ctx)  # configures the logs
+    return Progress(quiet or (logs.is_json() and not sys.stderr.isatty()))
 
 
 def _operations(ctx: click.Context, worker: Any, member: str) -> Operations:
@@ -534,7 +540,7 @@ def worker(ctx: click.Context, roles: str, member: str, quiet: bool) -> None:
             w = pipe.worker(chosen, member)
             w.install_signal_handlers()
             if not quiet:
-                click.echo(f"worker running {', '.join(chosen)} on {pipe.log.url}", err=True)
+                logs.echo(f"worker running {', '.join(chosen)} on {pipe.log.url}")
             ops = _operations(ctx, w, member)
             try:
                 w.run()
@@ -550,7 +556,7 @@ def worker(ctx: click.Context, roles: str, member: str, quiet: bool) -> None:
             raise UsageProblem(f"--member {member}: {exc}; expected a member id that no "
                                "running worker uses") from None
         if not quiet:
-            click.echo("worker stopped cleanly", err=True)
+            logs.echo("worker stopped cleanly")
     finally:
         pipe.close()
 

@@ -100,10 +100,30 @@ class JsonFormatter(logging.Formatter):
                           ensure_ascii=False, default=str)
 
 
+_format = "human"
+
+
+def is_json() -> bool:
+    return _format == "json"
+
+
+def echo(text: str) -> None:
+    """A line the CLI always shows on stderr (a worker started, stopped): as it is, or with
+    --log-format json as a JSON line too, so that stderr stays one object per line."""
+    if _format == "json":
+        record = logging.LogRecord("streams.cli", logging.INFO, "", 0, text, None, None)
+        sys.stderr.write(JsonFormatter().format(record) + "\n")
+    else:
+        sys.stderr.write(redact(text) + "\n")
+    sys.stderr.flush()
+
+
 def configure(verbosity: int = 0, fmt: str = "human", stream: TextIO | None = None) -> None:
     """The root logger: WARNING, -v INFO, -vv DEBUG; one handler on stderr in `fmt`."""
     if fmt not in FORMATS:
         raise ValueError(f"--log-format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    global _format
+    _format = fmt
     handler = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else HumanFormatter())
     root = logging.getLogger()

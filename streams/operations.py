@@ -36,7 +36,9 @@ class Operations:
         if settings.alert_webhook and monitor:
             self.webhook = Webhook(settings.alert_webhook,
                                    Outbox(settings.data_dir / "alerts" / "outbox.jsonl"))
-        if monitor and (self.server is not None or self.webhook is not None):
+        # The monitor also runs for JSON logs: it logs each batch status change with its
+        # batch_id, which is what a log search filters on.
+        if monitor and (self.server is not None or self.webhook is not None or logs.is_json()):
             deadline = parse_duration(settings.batch_deadline) if settings.batch_deadline \
                 else None
             self.monitor = Monitor(open_pipeline, MONITOR_INTERVAL_S, self.webhook, deadline)

@@ -29,7 +29,7 @@ from urllib.parse import quote, unquote
 import click
 
 from processors.pipeline_state import BatchStatus
-from streams import batch_view
+from streams import batch_view, logs
 from streams.batch_view import age, ts
 from streams.logs import redact
 
@@ -285,7 +285,7 @@ def register() -> None:
         except OSError as exc:
             raise UsageProblem(f"--port {port}: {exc.strerror}; expected a free port") \
                 from None
-        click.echo(f"serving http://{server.host}:{server.port}/ (Ctrl-C stops)", err=True)
+        logs.echo(f"serving http://{server.host}:{server.port}/ (Ctrl-C stops)")
         try:
             server.serve_forever()
         except KeyboardInterrupt:

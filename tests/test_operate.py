@@ -267,3 +267,17 @@ def test_a_metrics_port_in_use_is_a_usage_error(data_dir: Path) -> None:
                        timeout=60)
     assert proc.returncode == 2
     assert f"--metrics-port {port}: Address already in use" in proc.stderr
+
+
+def test_run_with_json_logs_writes_only_json_lines(tmp_path: Path, data_dir: Path) -> None:
+    proc = run_cli("--log-format", "json", "-v", "run", str(_input(tmp_path, 300, 2)),
+                   "--segment", "s", "--warehouse", str(data_dir / "wh.duckdb"),
+                   "--alert-webhook", "https://hooks.example.com/services/T1/B2/tok3n",
+                   data_dir=data_dir)
+    lines = [json.loads(line) for line in proc.stderr.splitlines()]  # every line is JSON
+    batch = json.loads(run_cli("status", "--json", data_dir=data_dir).stdout)[0]["batch_id"]
+    assert any(x.get("batch_id") == batch and x["message"] == f"batch {batch}: closed"
+               for x in lines)
+    assert {x["task"] for x in lines if "task" in x} >= {"segments", "pipeline"}
+    assert all(x["member"].startswith("run-") for x in lines if "member" in x)
+    assert "tok3n" not in proc.stderr
