@@ -69,12 +69,19 @@ def _over_budget(status: BatchStatus) -> bool:
     return status.failed_step == "import" and "error budget" in status.error
 
 
+# A failure older than this is history, not news: turning alerts on for a data dir with old
+# failed batches does not page anyone for each of them.
+MAX_AGE_S = 24 * 3600.0
+
+
 def due(batches: Iterable[BatchStatus], now_ms: int, deadline_s: float | None,
-        known: set[str]) -> list[Alert]:
+        known: set[str], max_age_s: float = MAX_AGE_S) -> list[Alert]:
     """The alerts these statuses call for that are not in `known` (keys already queued).
     Pure: the monitor calls it on every pass."""
     out = []
     for s in batches:
+        if s.status == "failed" and (s.failed_at or now_ms) < now_ms - max_age_s * 1000:
+            continue
         if s.status == "failed":
             cause = BUDGET if _over_budget(s) else FAILED
         elif (deadline_s is not None and not s.finished and s.submitted_at is not None

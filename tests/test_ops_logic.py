@@ -116,6 +116,16 @@ def test_alert_causes() -> None:
     assert alerts.due(batches, now, None, set()) == [a for a in due if a.cause != "deadline"]
 
 
+def test_old_failures_are_history() -> None:
+    day = 24 * 3600 * 1000
+    now = 10 * day
+    batches = [_status("old", "failed", failed_at=now - 2 * day, failed_step="segments",
+                       error="x"),
+               _status("new", "failed", failed_at=now - 1000, failed_step="segments",
+                       error="x")]
+    assert [a.batch_id for a in alerts.due(batches, now, None, set())] == ["new"]
+
+
 @given(st.lists(st.tuples(st.sampled_from("abcde"),
                           st.sampled_from(["submitted", "published", "closed", "failed"]),
                           st.integers(0, 200_000)), max_size=30),
