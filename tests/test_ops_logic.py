@@ -256,3 +256,12 @@ def test_readyz_waits_for_the_first_round_and_for_every_restore(tmp_path: Path) 
         assert http_status(f"{base}/readyz") == 200
     finally:
         ops.close()
+
+
+def test_watch_redraws_in_place_on_a_terminal() -> None:
+    from streams.status_watch import _draw
+
+    out = io.StringIO()
+    _draw(["HEADER", "b-1 published"], 0, out)
+    _draw(["HEADER", "b-1 closed"], 2, out)
+    assert out.getvalue() == "HEADER\nb-1 published\n\x1b[2F\x1b[JHEADER\nb-1 closed\n"
