@@ -33,8 +33,12 @@ def batch_gauges(batches: list[BatchStatus], now_ms: int) -> tuple[dict[str, int
 
 class Monitor:
     def __init__(self, open_pipeline: Callable[[], Any], interval_s: float = 2.0,
-                 webhook: alerts.Webhook | None = None, deadline_s: float | None = None):
+                 webhook: alerts.Webhook | None = None, deadline_s: float | None = None,
+                 groups: tuple[str, ...] = ()):
+        """`groups`: the pipeline's consumer groups, read besides those the log lists (a
+        broker may list none: Tansu)."""
         self._open = open_pipeline
+        self.groups = groups
         self.interval_s = interval_s
         self.webhook = webhook
         self.deadline_s = deadline_s
@@ -67,8 +71,8 @@ class Monitor:
             by_status, rejected, oldest = batch_gauges(batches, now_ms)
             dead = sum(info.messages for info in pipe.log.describe(DEAD_LETTER))
             metrics.set_batches(by_status, rejected, oldest, dead)
-            positions = [gp for group in pipe.log.groups()
-                         for gp in pipe.log.group_positions(group)]
+            groups = sorted({*pipe.log.groups(), *self.groups})
+            positions = [gp for group in groups for gp in pipe.log.group_positions(group)]
             metrics.set_lag(positions, self._lag_ages(pipe.log, positions, now_ms))
             if self.webhook is not None:
                 due = alerts.due(batches, now_ms, self.deadline_s, self._known)

@@ -41,7 +41,10 @@ class Operations:
         if monitor and (self.server is not None or self.webhook is not None or logs.is_json()):
             deadline = parse_duration(settings.batch_deadline) if settings.batch_deadline \
                 else None
-            self.monitor = Monitor(open_pipeline, MONITOR_INTERVAL_S, self.webhook, deadline)
+            from streams.pipeline import ROLES, group_names
+
+            self.monitor = Monitor(open_pipeline, MONITOR_INTERVAL_S, self.webhook, deadline,
+                                   tuple(group_names(ROLES)))
 
     def close(self, drain_s: float = 10.0) -> None:
         """Stops the monitor (after a last pass), gives the webhook up to `drain_s` for what

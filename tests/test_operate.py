@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests.kafka_broker import cli_env, fresh_kafka_bootstrap
 from tests.ops_support import (
     RecordingWebhook,
     free_port,
@@ -27,6 +28,7 @@ from tests.ops_support import (
 )
 from tests.support import random_rows, run_cli, write_csv
 
+__all__ = ["fresh_kafka_bootstrap"]  # the fixture, requested by name by the Kafka test
 SECRET = "Sup3rSecretPw"
 
 
@@ -281,3 +283,26 @@ def test_run_with_json_logs_writes_only_json_lines(tmp_path: Path, data_dir: Pat
     assert {x["task"] for x in lines if "task" in x} >= {"segments", "pipeline"}
     assert all(x["member"].startswith("run-") for x in lines if "member" in x)
     assert "tok3n" not in proc.stderr
+
+
+def test_metrics_on_kafka(tmp_path: Path, data_dir: Path, request: pytest.FixtureRequest
+                          ) -> None:
+    """The same families from a worker on a Kafka broker (Tansu): the monitor reads the
+    batch table and the groups' positions through a Kafka client of its own."""
+    env = cli_env(request.getfixturevalue("fresh_kafka_bootstrap"))
+    port = free_port()
+    worker = Worker(data_dir, "--metrics-port", str(port), env=env)
+    try:
+        wait_for(lambda: http_status(f"http://127.0.0.1:{port}/readyz") == 200, 120, "readyz")
+        run_cli("import", str(_input(tmp_path, 500, 2)), "--segment", "s", "-q",
+                data_dir=data_dir, env=env)
+        wait_for(lambda: _batches(scrape(port), "closed") == 1, 180, "the batch closed")
+        wait_for(lambda: total(scrape(port), "streams_dead_letters") == 2, 60, "dead letters")
+        wanted = {"processor-segments", "sink-s3", "sink-warehouse"}
+        wait_for(lambda: wanted <= {s.labels["group"] for s in samples(
+            scrape(port), "streams_consumer_lag_messages")}, 60, "every group's lag")
+        m = scrape(port, up=True)
+    finally:
+        assert worker.stop() == 0
+    assert total(m, "streams_records_processed_total", task="segments") == 500 + 4
+    assert total(m, "streams_rejected_rows") == 2
