@@ -51,12 +51,20 @@ class Monitor:
         self._thread.start()
 
     def _run(self) -> None:
+        failing = ""  # the last failure, logged once until it changes or passes
         while not self._stop.is_set():
             try:
                 self.check()
             except Exception as exc:  # a read that failed: the next pass tries again
-                log_.warning("monitor: reading the state failed: %s: %s",
-                             type(exc).__name__, exc)
+                text = f"{type(exc).__name__}: {exc}"
+                if text != failing:
+                    log_.warning("monitor: reading the state failed: %s (retrying every "
+                                 "%.0fs)", text, self.interval_s)
+                failing = text
+            else:
+                if failing:
+                    log_.warning("monitor: reading the state works again")
+                failing = ""
             self._stop.wait(self.interval_s)
 
     def check(self) -> None:
