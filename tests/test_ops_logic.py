@@ -265,3 +265,20 @@ def test_watch_redraws_in_place_on_a_terminal() -> None:
     _draw(["HEADER", "b-1 published"], 0, out)
     _draw(["HEADER", "b-1 closed"], 2, out)
     assert out.getvalue() == "HEADER\nb-1 published\n\x1b[2F\x1b[JHEADER\nb-1 closed\n"
+
+
+def test_a_failing_read_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    from streams.monitor import Monitor
+
+    calls = []
+
+    def broker_down() -> None:
+        calls.append(1)
+        raise ConnectionError("broker down")
+
+    with caplog.at_level(logging.WARNING, logger="streams.monitor"):
+        monitor = Monitor(broker_down, interval_s=0.01)
+        wait_for(lambda: len(calls) >= 5, 10, "five failed passes")
+        monitor.close()
+    failed = [r for r in caplog.records if "reading the state failed" in r.getMessage()]
+    assert len(failed) == 1 and "ConnectionError: broker down" in failed[0].getMessage()
