@@ -94,6 +94,38 @@ def test_a_table_with_another_key_is_refused(aws_env: dict[str, str], tmp_path: 
         f"Error: --status-table {name}: the DynamoDB table exists with key id")
 
 
+def test_run_with_a_table_of_another_key_fails_before_publishing(
+        aws_env: dict[str, str], tmp_path: Path) -> None:
+    """Regression: `streams run` found the wrong key schema only in its sinks' child
+    worker, after the import had published the batch (exit 2 from the child). It is checked
+    up front now: one line naming the table and the key it expects, nothing published."""
+    name = unique_name("other")
+    aws.client("dynamodb").create_table(
+        TableName=name, BillingMode="PAY_PER_REQUEST",
+        KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+        AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}])
+    path = write_csv(tmp_path / "in.csv", [(f"u{i}", "s1", "add") for i in range(20)])
+    data = tmp_path / "d"
+    proc = run_cli("run", str(path), "-q", "--status-table", name, data_dir=data, env=aws_env,
+                   check=False, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"Error: --status-table {name}: the DynamoDB table exists with key id (hash, S); "
+        "expected batch_id (hash, S) as its only key: choose another table name or delete "
+        "that table"]
+    assert proc.stdout == ""
+    assert json.loads(run_cli("status", "--json", data_dir=data, env=aws_env).stdout) == []
+    from topics.backends.embedded.log import EmbeddedLog
+    from topics.spec import EVENTS, ROWS
+
+    log = EmbeddedLog(data / "log")
+    try:
+        assert sum(info.messages for topic in (ROWS, EVENTS) for info in log.describe(topic)) \
+            == 0, "the run published before it checked its status table"
+    finally:
+        log.close()
+
+
 def test_double_fire_guard(aws_env: dict[str, str]) -> None:
     table = unique_name("guard")
     ensure_guard_table(table)
