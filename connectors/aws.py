@@ -43,6 +43,35 @@ def error_code(exc: BaseException) -> str:
     return str(response.get("Error", {}).get("Code", ""))
 
 
+# What a user can put right, by AWS error code: named in the one-line messages.
+_REASONS = {"NoSuchBucket": "no such bucket", "NoSuchKey": "no such object",
+            "404": "no such object", "AccessDenied": "access denied",
+            "AccessDeniedException": "access denied", "403": "access denied",
+            "InvalidAccessKeyId": "unknown access key",
+            "UnrecognizedClientException": "unknown access key",
+            "SignatureDoesNotMatch": "wrong secret key",
+            "InvalidSignatureException": "wrong secret key",
+            "ExpiredToken": "expired credentials",
+            "ExpiredTokenException": "expired credentials",
+            "PreconditionFailed": "the object changed while it was being read"}
+
+
+def reason(exc: BaseException) -> str:
+    """Why an AWS call failed, in a few words (its error code's meaning, or the error)."""
+    why = _REASONS.get(error_code(exc))
+    if why is None and type(exc).__name__ == "NoCredentialsError":
+        why = "no AWS credentials found"
+    return why or f"{type(exc).__name__}: {exc}"
+
+
+def is_aws_error(exc: BaseException) -> bool:
+    """An error botocore raised: a service's answer (ClientError) or a client-side one
+    (no credentials, no region, an unreachable endpoint, a waiter that gave up)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    return isinstance(exc, (BotoCoreError, ClientError))
+
+
 def is_stream_error(exc: BaseException) -> bool:
     """A response body that broke off (reset, timeout, short read): worth reading again."""
     from botocore.exceptions import BotoCoreError

@@ -15,7 +15,21 @@ ACTIVE_WAIT = {"Delay": 1, "MaxAttempts": 120}  # bounded: two minutes at most
 
 def ensure_table(name: str, key: str, client: Any = None, what: str = "table") -> Any:
     """The client, once table `name` exists with `key` (a string) as its only key: created
-    (PAY_PER_REQUEST) when missing; ValueError naming the table when it has another key."""
+    (PAY_PER_REQUEST) when missing; ValueError naming the table when it has another key,
+    or when it cannot be used (no credentials or access, no region, no endpoint)."""
+    try:
+        return _ensure_table(name, key, client, what)
+    except ValueError:
+        raise
+    except Exception as exc:
+        if not aws.is_aws_error(exc):
+            raise
+        raise ValueError(f"{what} {name}: cannot use the DynamoDB table ({aws.reason(exc)}); "
+                         "expected one this process's AWS credentials may describe, create "
+                         "and write to") from None
+
+
+def _ensure_table(name: str, key: str, client: Any, what: str) -> Any:
     client = client if client is not None else aws.client("dynamodb")
     try:
         table = client.describe_table(TableName=name)["Table"]

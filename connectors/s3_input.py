@@ -25,18 +25,9 @@ def is_s3_url(path: str) -> bool:
 
 
 def _explain(url: str, exc: BaseException) -> InputFileError:
-    code = aws.error_code(exc)
-    why = {"NoSuchBucket": "no such bucket", "NoSuchKey": "no such object",
-           "404": "no such object", "AccessDenied": "access denied",
-           "403": "access denied", "InvalidAccessKeyId": "unknown access key",
-           "SignatureDoesNotMatch": "wrong secret key", "ExpiredToken": "expired credentials",
-           "PreconditionFailed": "the object changed while it was being read"}.get(code)
-    if why is None and type(exc).__name__ == "NoCredentialsError":
-        why = "no AWS credentials found"
-    if why is None:
-        why = f"{type(exc).__name__}: {exc}"
-    return InputFileError(f"{url}: cannot read it from S3 ({why}); expected an object this "
-                          "process's AWS credentials may read; nothing was imported")
+    return InputFileError(f"{url}: cannot read it from S3 ({aws.reason(exc)}); expected an "
+                          "object this process's AWS credentials may read; nothing was "
+                          "imported")
 
 
 class ObjectStream(io.RawIOBase):

@@ -394,6 +394,10 @@ def run(ctx: click.Context, file: str, quiet: bool, timeout: float | None, **opt
     progress = _progress(ctx, quiet)
     pipe = _pipeline(ctx)
     try:
+        try:  # before anything is published
+            pipe.check_status_table()
+        except ValueError as exc:
+            raise UsageProblem(str(exc)) from None
         result = _run_to_the_end(ctx, pipe, file, progress, timeout, opts)
         status = pipe.batches()[result.batch_id]
         if result.outcome in ("duplicate", "previously_failed"):

@@ -129,6 +129,15 @@ class Pipeline:
         return Importer(self.log, self.settings.spool_dir, progress, on_input_bytes,
                         self.snapshots)
 
+    def check_status_table(self) -> None:
+        """Raises ValueError naming --status-table when its DynamoDB table exists with
+        another key schema (created when missing): `run` checks it before publishing, as
+        its sinks' child worker would find it only after the import."""
+        if self.settings.status_table:
+            from connectors.dynamo_status import StatusTable
+
+            StatusTable(self.settings.status_table)
+
     def worker(self, roles: tuple[str, ...] = ROLES, member: str = "") -> Worker:
         check_roles(roles)
         if "warehouse" in roles:

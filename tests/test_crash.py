@@ -14,6 +14,11 @@ the subset covers each kind of crash once: mid-import, between end markers, mid-
 in the segments and the pipeline processors, a sink after a chunk and before its commit, a
 replace batch, kills from outside at random times, and a separate worker killed, restarted
 and stopped cleanly. Scale-out (workers sharing partitions) is in test_scale_out.py.
+
+A further subset (ids `s3pg-...`) runs on the embedded log with S3 (moto's server, a bucket
+of the test's own) and PostgreSQL (a database of the test's own) as the target, and checks
+the bucket's objects and the database's tables the same way: kills inside the warehouse's
+COPY and merge transactions (crash points `postgres.*`), and after S3 puts.
 """
 
 from __future__ import annotations
@@ -27,30 +32,35 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
 import duckdb
+import psycopg
 import pytest
 
 from connectors.object_formats import decode_changes, extension
+from connectors.object_store import ObjectStore, open_store
 from connectors.status_sink import StatusTableSink
 from connectors.warehouses.duckdb import DuckDBWarehouse
 from streams.api import Input
 from streams.outputs import OutputWriter
 from streams.sink_task import SinkTask
+from tests.aws_server import aws_env, make_bucket, moto_endpoint
 from tests.kafka_broker import GROUP_TIMEOUTS, fresh_kafka_bootstrap
 from tests.kafka_broker import cli_env as kafka_cli_env
-from tests.support import expected_members, random_rows, run_cli, warehouse_members, write_csv
+from tests.support import expected_members, random_rows, run_cli, write_csv
 from topics.backends import open_log
 from topics.backends.embedded.log import EmbeddedLog
 from topics.codec import decode, encode
 from topics.log import Log, RebalanceListener, TopicError, TopicPartition
 from topics.spec import BATCH_STATUS, CHANGES, EVENTS, ROWS, SPECS
 
-__all__ = ["fresh_kafka_bootstrap"]  # the fixture, requested by name for Kafka tests
+# fixtures, requested by name for Kafka and for S3 + PostgreSQL tests
+__all__ = ["aws_env", "fresh_kafka_bootstrap", "moto_endpoint"]
 
 N_ROWS = 200_000
 PARTITIONS = 4
@@ -77,22 +87,50 @@ GROUPS = {
 
 
 EMBEDDED, KAFKA = "embedded", "kafka"
+# The embedded log delivering to S3 (moto's server) and PostgreSQL (the session's server).
+S3_POSTGRES = "s3-postgres"
 
 
 @dataclass(frozen=True)
 class Target:
-    """What a test's pipeline runs on: its data dir (local object store, warehouse, spool and
-    the embedded log) and its backend (embedded, or Kafka at `bootstrap`)."""
+    """What a test's pipeline runs on: its data dir (spool, the embedded log, and by default
+    the local object store and the DuckDB warehouse), its backend (embedded, or Kafka at
+    `bootstrap`), and where given an S3 root (`s3_root`, with the AWS environment `aws`)
+    and a warehouse URL (`warehouse`, PostgreSQL)."""
 
     data_dir: Path
     backend: str = EMBEDDED
     bootstrap: str = ""
+    s3_root: str = ""
+    warehouse: str = ""
+    aws: dict[str, str] = field(default_factory=dict)
 
     def env(self, crash_at: str = "") -> dict[str, str]:
         """Environment of a `streams` process on this target. STREAMS_CRASH_AT is always
         set, so that a value inherited by pytest cannot leak in."""
         backend = kafka_cli_env(self.bootstrap) if self.backend == KAFKA else {}
-        return {**TUNING, **backend, "STREAMS_CRASH_AT": crash_at}
+        outputs = {**self.aws, **({"STREAMS_S3_ROOT": self.s3_root} if self.s3_root else {}),
+                   **({"STREAMS_WAREHOUSE": self.warehouse} if self.warehouse else {})}
+        return {**TUNING, **backend, **outputs, "STREAMS_CRASH_AT": crash_at}
+
+    def store(self) -> ObjectStore:
+        """The S3 sink's objects (a bucket, or the local layout under the data dir)."""
+        return open_store(self.s3_root or self.data_dir / "s3")
+
+    def query(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Rows of a read of the warehouse (`?` placeholders), by the database's own client:
+        the checks trust nothing of the pipeline's warehouse code."""
+        if self.warehouse:
+            with psycopg.connect(self.warehouse) as con:
+                return con.execute(sql.replace("?", "%s"), list(params)).fetchall()
+        con = duckdb.connect(str(self.data_dir / "warehouse.duckdb"), read_only=True)
+        try:
+            return con.execute(sql, list(params)).fetchall()
+        finally:
+            con.close()
+
+    def members(self) -> list[tuple[str, str]]:
+        return sorted(self.query("SELECT segment_id, user_id FROM segment_members"))
 
     def open_log(self) -> Log:
         if self.backend == KAFKA:
@@ -115,16 +153,24 @@ def backend() -> str:
 def target(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Target:
     if backend == KAFKA:  # a broker of the test's own: the pipeline's topic names are fixed
         return Target(tmp_path / "data", KAFKA, request.getfixturevalue("fresh_kafka_bootstrap"))
+    if backend == S3_POSTGRES:  # a bucket and a database of the test's own
+        aws = request.getfixturevalue("aws_env")
+        return Target(tmp_path / "data", s3_root=f"s3://{make_bucket()}/out",
+                      warehouse=request.getfixturevalue("postgres_url"), aws=aws)
     return Target(tmp_path / "data")
 
 
-def on_backends(values: list[str], on_kafka: tuple[str, ...]) -> list[Any]:
+def on_backends(values: list[str], on_kafka: tuple[str, ...],
+                on_s3_postgres: tuple[str, ...] = ()) -> list[Any]:
     """(backend, value) cases: every value on the embedded backend (ids as they were before
-    Kafka), the values in `on_kafka` on Kafka too (ids `kafka-<value>`)."""
+    Kafka), the values in `on_kafka` on Kafka too (ids `kafka-<value>`), and the values of
+    `on_s3_postgres` (any, such as the warehouse's own crash points) with S3 + PostgreSQL
+    as the target (ids `s3pg-<value>`)."""
     unknown = set(on_kafka) - set(values)
     assert not unknown, f"Kafka cases that are not cases at all: {unknown}"
     return ([pytest.param(EMBEDDED, v, id=v) for v in values]
-            + [pytest.param(KAFKA, v, id=f"kafka-{v}") for v in values if v in on_kafka])
+            + [pytest.param(KAFKA, v, id=f"kafka-{v}") for v in values if v in on_kafka]
+            + [pytest.param(S3_POSTGRES, v, id=f"s3pg-{v}") for v in on_s3_postgres])
 
 
 BOTH_BACKENDS = [EMBEDDED, KAFKA]
@@ -253,94 +299,99 @@ def batch_id_from_output(text: str) -> str:
 # -- checks ------------------------------------------------------------------------------------
 
 
-def check_s3(data_dir: Path, batch_id: str, fmt: str, start: set[tuple[str, str]],
+def check_s3(target: Target, batch_id: str, fmt: str, start: set[tuple[str, str]],
              end: set[tuple[str, str]], changes: int) -> None:
     """The manifest lists every part object once and nothing else is there; folding the
     objects in (partition, first position, first part, row) order turns `start` into `end`,
     and every row is a real change (an add of a non-member, a removal of a member)."""
-    folder = data_dir.joinpath("s3", *S3_PREFIX, f"batch={batch_id}")
-    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    store = target.store()
+    folder = "/".join((*S3_PREFIX, f"batch={batch_id}"))
+    manifest = json.loads(store.get(f"{folder}/manifest.json"))
     assert manifest["batch_id"] == batch_id
     assert manifest["format"] == fmt
     urls = [e["url"] for e in manifest["entries"]]
     assert len(urls) == len(set(urls)), "an object is listed twice in the manifest"
 
-    listed: dict[Path, dict[str, Any]] = {}
+    listed: dict[str, dict[str, Any]] = {}
     for entry in manifest["entries"]:
-        path = Path(unquote(urlparse(entry["url"]).path)).resolve()
-        assert path.is_file(), f"manifest lists a missing object {path}"
-        listed[path] = entry
-    allowed = {folder / "manifest.json"} | {
-        folder / f"partition={p}" / "_manifest.json" for p in range(PARTITIONS)}
-    on_disk = {p.resolve() for p in folder.rglob("*")
-               if p.is_file() and not p.name.startswith(".tmp-")}  # unfinished puts
-    stray = sorted(str(p) for p in on_disk - set(listed) - {a.resolve() for a in allowed})
+        # .../partition=<p>/<object>: its key under the batch folder
+        key = "/".join([folder, *unquote(urlparse(entry["url"]).path).split("/")[-2:]])
+        assert entry["url"] == store.url(key), entry["url"]
+        assert store.exists(key), f"manifest lists a missing object {entry['url']}"
+        listed[key] = entry
+    allowed = {f"{folder}/manifest.json"} | {
+        f"{folder}/partition={p}/_manifest.json" for p in range(PARTITIONS)}
+    stored = set(store.list(folder + "/"))  # (unfinished local puts are not listed)
+    stray = sorted(stored - set(listed) - allowed)
     assert not stray, f"objects in the batch folder that the manifest does not list: {stray}"
-    for a in allowed:
-        assert a.is_file(), f"missing {a}"
+    assert allowed <= stored, f"missing {sorted(allowed - stored)}"
 
     # Per-partition manifests together list exactly what the batch manifest lists.
     per_partition = []
     for p in range(PARTITIONS):
-        part = json.loads((folder / f"partition={p}" / "_manifest.json").read_text("utf-8"))
+        part = json.loads(store.get(f"{folder}/partition={p}/_manifest.json"))
         per_partition += [e["url"] for e in part["entries"]]
     assert sorted(per_partition) == sorted(urls)
 
     objects = []
-    for path, entry in listed.items():
-        match = re.fullmatch(r"partition=(\d+)", path.parent.name)
-        assert match, path
-        name = re.fullmatch(r"part-(\d{20})-(\d{5})" + re.escape(extension(fmt)), path.name)
-        assert name, f"unexpected object name {path.name}"
-        objects.append((int(match.group(1)), int(name.group(1)), int(name.group(2)), path,
+    for key, entry in listed.items():
+        directory, _, filename = key.rpartition("/")
+        match = re.fullmatch(r"partition=(\d+)", directory.rpartition("/")[2])
+        assert match, key
+        name = re.fullmatch(r"part-(\d{20})-(\d{5})" + re.escape(extension(fmt)), filename)
+        assert name, f"unexpected object name {filename}"
+        objects.append((int(match.group(1)), int(name.group(1)), int(name.group(2)), key,
                         entry))
     objects.sort()
 
     state = set(start)
     total = 0
-    for partition, _first, _part, path, entry in objects:
-        data = path.read_bytes()
+    for partition, _first, _part, key, entry in objects:
+        data = store.get(key)
         assert entry["meta"]["content_length"] == len(data)
         rows = decode_changes(data, fmt)
         assert entry["meta"]["record_count"] == len(rows)
         total += len(rows)
         for row in rows:
             assert row["batch_id"] == batch_id and row["partition"] == partition, row
-            key = (row["segment_id"], row["user_id"])
+            member = (row["segment_id"], row["user_id"])
             if row["op"] == "add":
-                assert key not in state, f"{path.name}: add of a member (doubled?) {row}"
-                state.add(key)
+                assert member not in state, f"{key}: add of a member (doubled?) {row}"
+                state.add(member)
             else:
                 assert row["op"] == "remove", row
-                assert key in state, f"{path.name}: removal of a non-member (doubled?) {row}"
-                state.discard(key)
+                assert member in state, f"{key}: removal of a non-member (doubled?) {row}"
+                state.discard(member)
     assert manifest["record_count"] == total
     assert total == changes, f"objects hold {total} changes, the batch status says {changes}"
     assert state == end, (f"S3 changes fold to {len(state)} members, expected {len(end)}: "
                           f"{len(state - end)} extra, {len(end - state)} missing")
 
 
-def check_warehouse(data_dir: Path, status: dict[str, Any], start: set[tuple[str, str]],
-                    end: set[tuple[str, str]]) -> None:
+def epoch_ms(when: datetime) -> int:
+    """A warehouse TIMESTAMP (naive UTC) in epoch milliseconds."""
+    return (when - datetime(1970, 1, 1)) // timedelta(milliseconds=1)
+
+
+def check_warehouse(target: Target, status: dict[str, Any], start: set[tuple[str, str]],
+                    end: set[tuple[str, str]], rows: int) -> None:
     batch_id = status["batch_id"]
-    con = duckdb.connect(str(data_dir / "warehouse.duckdb"), read_only=True)
-    try:
-        ledger = con.execute(
-            "SELECT partition, rows_loaded, added, removed FROM load_ledger"
-            " WHERE batch_id = ? ORDER BY partition", [batch_id]).fetchall()
-        rows = con.execute(
-            "SELECT status, epoch_ms(closed_at), rows, rejected FROM batch_status"
-            " WHERE batch_id = ?", [batch_id]).fetchall()
-    finally:
-        con.close()
+    ledger = target.query("SELECT partition, rows_loaded, added, removed FROM load_ledger"
+                          " WHERE batch_id = ? ORDER BY partition", [batch_id])
+    stored = [(s, epoch_ms(closed), n, rejected) for s, closed, n, rejected in target.query(
+        "SELECT status, closed_at, rows, rejected FROM batch_status WHERE batch_id = ?",
+        [batch_id])]
     assert [r[0] for r in ledger] == list(range(PARTITIONS)), \
         f"load ledger of {batch_id}: {ledger}; expected one row per partition"
     assert sum(r[1] for r in ledger) == status["changes_total"]
     assert sum(r[2] for r in ledger) - sum(r[3] for r in ledger) == len(end) - len(start)
-    # (staging is a TEMP table of the sink's connection: nothing of it outlives a load)
-    assert len(rows) == 1, f"warehouse batch_status rows for {batch_id}: {rows}"
-    assert rows[0] == ("closed", status["closed_at"], N_ROWS, 0), \
-        f"warehouse batch_status {rows[0]} != CLI status {status['closed_at']}"
+    # (DuckDB stages in a TEMP table of the sink's connection: nothing of it outlives a
+    # load; PostgreSQL in a table, which a closed batch leaves empty)
+    if target.warehouse:
+        assert target.query("SELECT count(*) FROM staged_changes") == [(0,)]
+    assert len(stored) == 1, f"warehouse batch_status rows for {batch_id}: {stored}"
+    assert stored[0] == ("closed", status["closed_at"], rows, 0), \
+        f"warehouse batch_status {stored[0]} != CLI status {status['closed_at']}"
 
 
 def check_closed_once(target: Target, batch_id: str, closed_at: int) -> None:
@@ -366,13 +417,13 @@ def verify(target: Target, history: list[Batch], fmt: str = "parquet") -> None:
         assert status["status"] == "closed", status
         assert status["closed_at"] is not None
         assert status["rejected"] == 0
-        assert status["rows"] == N_ROWS - status["rejected"]
+        assert status["rows"] == len(batch.rows) - status["rejected"]
         assert sum(status["partition_counts"]) == status["rows"]
         assert status["error"] == ""
-        check_s3(data_dir, status["batch_id"], fmt, start, end, changes)
-        check_warehouse(data_dir, status, start, end)
+        check_s3(target, status["batch_id"], fmt, start, end, changes)
+        check_warehouse(target, status, start, end, len(batch.rows))
         check_closed_once(target, status["batch_id"], status["closed_at"])
-    members = warehouse_members(data_dir)
+    members = target.members()
     assert len(members) == len(set(members)), "duplicate (segment, user) rows in the warehouse"
     expected = sorted(expected_members((b.mode, b.rows) for b in history))
     assert members == expected, (f"warehouse holds {len(members)} members, expected "
@@ -411,6 +462,19 @@ CRASH_POINTS = [
 KAFKA_CRASH_POINTS = ("import.publishing:8", "import.end_marker:2", "segments.after_outputs",
                       "segments.inside_changelog", "pipeline.after_outputs",
                       "sink-warehouse.after_chunk:8")
+# With S3 (moto) and PostgreSQL as the target: the kills inside the warehouse's own
+# transactions, and after S3 puts (the partition ~29k changes: 3 chunks, 12 in all).
+S3_POSTGRES_CRASH_POINTS = (
+    "postgres.inside_copy:5",  # mid-COPY: a chunk's rows on the server, not committed
+    "postgres.inside_merge:2",  # mid-merge: members, ledger, watermark written, not committed
+    "sink-s3.after_chunk:7",  # after an S3 put, before the sink committed anything
+    "sink-s3.after_close:4",  # after the batch manifest's put, before sink_committed
+)
+
+
+# Crash points of the sinks (and of the warehouse they load), which `streams run` runs in a
+# child process.
+CHILD_POINTS = ("sink-", "postgres.")
 
 
 def assert_killed(crashed: subprocess.CompletedProcess[str], crash_at: str) -> None:
@@ -418,7 +482,7 @@ def assert_killed(crashed: subprocess.CompletedProcess[str], crash_at: str) -> N
     and the parent then stops with an error saying so; any other point kills the parent."""
     detail = (f"STREAMS_CRASH_AT={crash_at}: exit {crashed.returncode}\n"
               f"stdout:\n{crashed.stdout}\nstderr:\n{crashed.stderr}")
-    if crash_at.startswith("sink-"):
+    if crash_at.startswith(CHILD_POINTS):
         assert crashed.returncode == 1, detail
         assert "worker process was killed by SIGKILL" in crashed.stderr, detail
         assert "run the same command again" in crashed.stderr, detail
@@ -433,7 +497,8 @@ def crash_then_rerun(args: tuple[str, ...], target: Target, crash_at: str) -> No
     assert re.search(r"^status\s+closed$", rerun.stdout, re.MULTILINE), rerun.stdout
 
 
-@pytest.mark.parametrize(("backend", "crash_at"), on_backends(CRASH_POINTS, KAFKA_CRASH_POINTS))
+@pytest.mark.parametrize(("backend", "crash_at"), on_backends(
+    CRASH_POINTS, KAFKA_CRASH_POINTS, S3_POSTGRES_CRASH_POINTS))
 def test_run_killed_at_crash_point_then_rerun_delivers_once(
         target: Target, inputs: dict[str, Batch], crash_at: str) -> None:
     batch = inputs["first"]
@@ -456,7 +521,9 @@ def test_run_killed_with_jsonl_objects(target: Target, inputs: dict[str, Batch],
     "sink-s3.between_removal_parts:3",
     "sink-warehouse.between_removal_parts",
     "sink-warehouse.after_close:3",
-], on_kafka=("segments.after_outputs:2", "segments.between_outputs")))
+], on_kafka=("segments.after_outputs:2", "segments.between_outputs"),
+    # the merge of the replace's removals (in parts) killed before its commit
+    on_s3_postgres=("postgres.inside_merge:3",)))
 def test_replace_batch_killed_then_rerun_removes_once(
         target: Target, inputs: dict[str, Batch], crash_at: str) -> None:
     first, second = inputs["first"], inputs["second"]

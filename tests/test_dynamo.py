@@ -94,6 +94,47 @@ def test_a_table_with_another_key_is_refused(aws_env: dict[str, str], tmp_path: 
         f"Error: --status-table {name}: the DynamoDB table exists with key id")
 
 
+@pytest.mark.parametrize("problem", ["another key schema", "no AWS credentials"])
+def test_run_with_an_unusable_status_table_fails_before_publishing(
+        aws_env: dict[str, str], tmp_path: Path, problem: str) -> None:
+    """Regression: `streams run` found a table with the wrong key schema only in its sinks'
+    child worker, after the import had published the batch (and a process without AWS
+    credentials failed there with a traceback). It is checked up front now: one line naming
+    the table and what was expected, nothing published."""
+    name = unique_name("other")
+    env = dict(aws_env)
+    if problem == "another key schema":
+        aws.client("dynamodb").create_table(
+            TableName=name, BillingMode="PAY_PER_REQUEST",
+            KeySchema=[{"AttributeName": "id", "KeyType": "HASH"}],
+            AttributeDefinitions=[{"AttributeName": "id", "AttributeType": "S"}])
+        expected = (f"Error: --status-table {name}: the DynamoDB table exists with key id "
+                    "(hash, S); expected batch_id (hash, S) as its only key: choose another "
+                    "table name or delete that table")
+    else:
+        env.update(AWS_ACCESS_KEY_ID="", AWS_SECRET_ACCESS_KEY="", AWS_SESSION_TOKEN="")
+        expected = (f"Error: --status-table {name}: cannot use the DynamoDB table (no AWS "
+                    "credentials found); expected one this process's AWS credentials may "
+                    "describe, create and write to")
+    path = write_csv(tmp_path / "in.csv", [(f"u{i}", "s1", "add") for i in range(20)])
+    data = tmp_path / "d"
+    proc = run_cli("run", str(path), "-q", "--status-table", name, data_dir=data, env=env,
+                   check=False, timeout=60)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines() == [expected]
+    assert proc.stdout == ""
+    assert json.loads(run_cli("status", "--json", data_dir=data, env=aws_env).stdout) == []
+    from topics.backends.embedded.log import EmbeddedLog
+    from topics.spec import EVENTS, ROWS
+
+    log = EmbeddedLog(data / "log")
+    try:
+        assert sum(info.messages for topic in (ROWS, EVENTS) for info in log.describe(topic)) \
+            == 0, "the run published before it checked its status table"
+    finally:
+        log.close()
+
+
 def test_double_fire_guard(aws_env: dict[str, str]) -> None:
     table = unique_name("guard")
     ensure_guard_table(table)

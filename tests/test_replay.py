@@ -1,7 +1,8 @@
 """Replay rebuilds the sinks from the replayed outputs (issue 7, hole 7): a replay after a
 processor fix changes what the warehouse and the S3 objects hold, because the outputs the
-replay supersedes are void (a ReplayFence and a higher epoch in every replayed output).
-And a replay refused for a running worker changes nothing at all."""
+replay supersedes are void (a ReplayFence and a higher epoch in every replayed output); on
+the local layout + DuckDB and on S3 (moto) + PostgreSQL. And a replay refused for a running
+worker changes nothing at all."""
 
 from __future__ import annotations
 
@@ -15,14 +16,20 @@ import pytest
 
 import streams.pipeline as pipeline_module
 from connectors.importer import ImportResult
+from connectors.object_store import open_store
+from connectors.s3_fold import fold_objects
+from connectors.warehouses import open_warehouse
 from processors.segments import AudienceSegments
 from streams.api import Input, Output, Table
 from streams.pipeline import ROLES, Pipeline
 from streams.settings import Settings
 from streams.state.changelog import FENCE
+from tests.aws_server import aws_env, make_bucket, moto_endpoint
 from tests.support import expected_members, run_cli, write_csv
 from topics.codec import schema_name
 from topics.spec import CHANGES, SEGMENTS_CHANGELOG
+
+__all__ = ["aws_env", "moto_endpoint"]  # fixtures, used by name
 
 ROWS = [(f"u{i}", "s", "add") for i in range(40)] + [("u3", "s", "remove")]
 
@@ -59,29 +66,64 @@ def _run(pipe: Pipeline, path: Path) -> ImportResult:
     return result
 
 
+@pytest.fixture(params=["local", "s3-postgres"])
+def outputs(request: pytest.FixtureRequest) -> dict[str, str]:
+    """Settings of the sinks' targets: the local layout and DuckDB, or S3 (moto's server, a
+    bucket of the test's own) and PostgreSQL (a database of the test's own)."""
+    if request.param == "local":
+        return {}
+    request.getfixturevalue("aws_env")  # in os.environ, for this process and `streams`
+    return {"s3_root": f"s3://{make_bucket()}/out",
+            "warehouse": request.getfixturevalue("postgres_url")}
+
+
 def test_replay_after_a_processor_fix_changes_the_outputs(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    settings = Settings(data_dir=tmp_path / "data", chunk_rows=7)
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, outputs: dict[str, str]) -> None:
+    settings = Settings(data_dir=tmp_path / "data", chunk_rows=7, s3_root=outputs.get("s3_root"),
+                        warehouse=outputs.get("warehouse"))
+    env = {f"STREAMS_{name.upper()}": value for name, value in outputs.items()}
     path = write_csv(tmp_path / "in.csv", ROWS)
     monkeypatch.setattr(pipeline_module, "AudienceSegments", ForgetfulSegments)
+    fixed = expected_members([("add", ROWS)])
     pipe = Pipeline(settings)
     try:
         _run(pipe, path)
-        fixed = expected_members([("add", ROWS)])
         assert ("s", "u7") not in set(pipe.warehouse.members())  # the bug, delivered
-        monkeypatch.setattr(pipeline_module, "AudienceSegments", AudienceSegments)
-        report = pipe.replay("earliest")
-        assert "epoch 1" in report
-        assert set(pipe.warehouse.members()) == fixed
-        check = pipe.verify()
-        assert check.ok, [str(d) for d in check.differences] + check.problems
-        # a second replay, from a batch, is epoch 2 and changes nothing more
+        assert ("s", "u7") not in _objects(settings)
         batch = next(iter(pipe.batches()))
-        assert "epoch 2" in pipe.replay(f"batch:{batch}")
-        assert set(pipe.warehouse.members()) == fixed
-        assert pipe.verify().ok
     finally:
         pipe.close()
+    # The fix is what `streams` runs: the replay is the command's own.
+    replayed = run_cli("replay", "--from", "earliest", "-q", data_dir=settings.data_dir,
+                       env=env)
+    assert "epoch 1" in replayed.stdout
+    _check_outputs(settings, env, fixed)
+    # a second replay, from a batch, is epoch 2 and changes nothing more
+    replayed = run_cli("replay", "--from", f"batch:{batch}", "-q",
+                       data_dir=settings.data_dir, env=env)
+    assert "epoch 2" in replayed.stdout
+    _check_outputs(settings, env, fixed)
+
+
+def _objects(settings: Settings) -> set[tuple[str, str]]:
+    """The membership the S3 sink's objects fold to."""
+    return fold_objects(open_store(settings.object_root), settings.s3_prefix)
+
+
+def _check_outputs(settings: Settings, env: dict[str, str],
+                   expected: set[tuple[str, str]]) -> None:
+    """The warehouse and the S3 objects hold `expected`, and `streams verify` agrees."""
+    warehouse = open_warehouse(settings.warehouse_url, **(
+        settings.warehouse_options() if settings.warehouse else {}))
+    try:
+        members = warehouse.members()
+    finally:
+        warehouse.close()
+    assert len(members) == len(set(members)) and set(members) == expected
+    assert _objects(settings) == expected
+    checked = run_cli("verify", data_dir=settings.data_dir, env=env, check=False)
+    assert checked.returncode == 0 and "no differences" in checked.stdout, (
+        checked.stdout + checked.stderr)
 
 
 def test_replay_is_refused_before_anything_is_reset(tmp_path: Path) -> None:

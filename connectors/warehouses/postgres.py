@@ -46,6 +46,7 @@ from connectors.warehouses.base import (
     status_table,
     with_retries,
 )
+from streams.faults import crash_point
 
 T = TypeVar("T")
 
@@ -287,6 +288,8 @@ class PostgresWarehouse:
                                        "batch": changes.batch_id, "lo": lo,
                                        "lo_part": lo_part, "hi": hi, "hi_part": hi_part})
             copy_rows(cur, changes.batch_id, changes.partition, table)
+            # The chunk's rows are on the server, its transaction not committed.
+            crash_point("postgres.inside_copy")
 
         self._transaction(f"stage {changes.batch_id}/{changes.partition}", body)
 
@@ -314,7 +317,10 @@ class PostgresWarehouse:
 
         def body(cur: psycopg.Cursor[Any]) -> LoadResult:
             self._lock_partition(cur, partition)
-            return merge_once(PgTx(cur), batch_id, partition, end_position, self._apply)
+            result = merge_once(PgTx(cur), batch_id, partition, end_position, self._apply)
+            # Members, ledger row and watermark written, the transaction not committed.
+            crash_point("postgres.inside_merge")
+            return result
 
         return self._transaction(f"merge {batch_id}/{partition}", body,
                                  lambda exc: is_transient(exc) or is_ledger_race(exc))
