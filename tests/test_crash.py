@@ -465,7 +465,7 @@ KAFKA_CRASH_POINTS = ("import.publishing:8", "import.end_marker:2", "segments.af
 # With S3 (moto) and PostgreSQL as the target: the kills inside the warehouse's own
 # transactions, and after S3 puts (the partition ~29k changes: 3 chunks, 12 in all).
 S3_POSTGRES_CRASH_POINTS = (
-    "postgres.inside_copy:5",  # mid-COPY: a chunk's rows on the server, not committed
+    "postgres.inside_copy:5",  # mid-COPY: half a chunk's rows sent, nothing committed
     "postgres.inside_merge:2",  # mid-merge: members, ledger, watermark written, not committed
     "sink-s3.after_chunk:7",  # after an S3 put, before the sink committed anything
     "sink-s3.after_close:4",  # after the batch manifest's put, before sink_committed

@@ -288,8 +288,6 @@ class PostgresWarehouse:
                                        "batch": changes.batch_id, "lo": lo,
                                        "lo_part": lo_part, "hi": hi, "hi_part": hi_part})
             copy_rows(cur, changes.batch_id, changes.partition, table)
-            # The chunk's rows are on the server, its transaction not committed.
-            crash_point("postgres.inside_copy")
 
         self._transaction(f"stage {changes.batch_id}/{changes.partition}", body)
 
@@ -413,7 +411,10 @@ def copy_rows(cur: psycopg.Cursor[Any], batch_id: str, partition: int,
         table["segment_id"].to_pylist(),
         table["op"].to_pylist(),
     )
+    half = n // 2
     with cur.copy(pgsql.SQL(COPY_STAGED)) as copy:
         copy.set_types(list(STAGE_TYPES))
-        for row in zip(*columns, strict=True):
+        for i, row in enumerate(zip(*columns, strict=True)):
+            if i == half:  # mid-COPY: part of the chunk's rows sent, nothing committed
+                crash_point("postgres.inside_copy")
             copy.write_row(row)
