@@ -61,7 +61,7 @@ def from_key(text: str) -> int:
         count, digits = text[2 : 2 + size], text[2 + size :]
         if (count.isascii() and count.isdigit() and digits.isascii() and digits.isdigit()
                 and len(count) == size and int(count) == len(digits) > NARROW_DIGITS
-                and digits[0] != "0"):
+                and count[0] != "0" and digits[0] != "0"):  # one key per position
             return int(digits)
     raise ValueError(f"{text!r} is not a position key (20 digits, or w<n><digits>...)")
 
