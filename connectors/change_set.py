@@ -274,13 +274,3 @@ def as_type(column: pa.ChunkedArray, kind: pa.DataType) -> pa.ChunkedArray:
             [None if v is None else json.dumps(v, ensure_ascii=False, default=str)
              for v in column.to_pylist()], pa.string())], pa.string())
 
-
-def position_keys(column: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
-    """A source_position column as keys, whichever way it was stored: keys already, or the
-    int64 of objects written before wide positions (20 zero-padded digits: their key)."""
-    if pa.types.is_string(column.type):
-        return column
-    if len(column) and pc.min(column).as_py() < 0:  # a sentinel: key by key
-        return pa.array([None if v is None else key(v) for v in column.to_pylist()],
-                        pa.string())
-    return pc.utf8_lpad(column.cast(pa.string()), positions.NARROW_DIGITS, "0")

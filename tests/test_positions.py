@@ -28,7 +28,7 @@ from streams.state.store import PartitionStore
 from tests.test_codec import single_object_header
 from topics import positions
 from topics.backends.embedded.log import EmbeddedLog
-from topics.codec import decode, encode
+from topics.codec import _load_dir, decode, encode
 from topics.columns import write_columns
 from topics.log import Message
 from topics.positions import from_key, key, stored
@@ -111,6 +111,17 @@ def test_avro_stamps_hold_positions_of_any_width(schema: str, position: int) -> 
     assert name == schema
     assert {f: decoded[f] for f in fields} == dict.fromkeys(fields, position)
     assert all(type(decoded[f]) is int for f in fields)
+
+
+def test_every_position_field_of_the_current_schemas_is_of_any_width() -> None:
+    fields = {(raw["name"], f["name"]) for raw in _load_dir("schemas") for f in raw["fields"]
+              if f["name"].endswith("_position") or (raw["name"], f["name"]) == (
+                  "Changelog", "previous")}
+    assert fields == {(s, f) for s, (_v, names) in STAMPED.items() for f in names}
+    for raw in _load_dir("schemas"):
+        for f in raw["fields"]:
+            if (raw["name"], f["name"]) in fields:
+                assert f["type"] == positions.AVRO_TYPE, (raw["name"], f["name"])
 
 
 def test_a_narrow_stamp_is_still_a_long() -> None:
@@ -214,8 +225,8 @@ def test_changelog_restore_and_fences_on_wide_positions(wide_log: WideLog) -> No
     assert restored.data["members"] == {"u1": ["s"], "u2": ["s"], "u3": ["s"]}
     assert tail.last_position is not None and tail.last_position > SHIFT
 
-    # A replay from IN + 10**20 voids the two checkpoints at or after it (numerically: as
-    # text, "1000...0001" sorts after "1000...00100000000000000000000").
+    # A replay from IN + 10**20 voids the two checkpoints at or after it, compared as
+    # numbers (as decimal text IN * 10 would sort below IN + 10**20 and survive).
     write_fence(producer, "cl", 0, IN + 10**20, epoch=1)
     producer.flush()
     rewound, tail = restore(log, "cl", 0, SPECS)  # type: ignore[arg-type]

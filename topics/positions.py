@@ -31,8 +31,9 @@ _NARROW_LIMIT = 10**NARROW_DIGITS
 WIDE = "w"
 NONE = -1  # the one negative position a key holds
 NONE_KEY = ""  # sorts first under every collation, not only bytewise
-LONG_MAX = 2**63 - 1
 LOGICAL_TYPE = "position"
+# The Avro type of every position field of topics/schemas (see the module doc).
+AVRO_TYPE = ["long", {"type": "string", "logicalType": LOGICAL_TYPE}]
 
 
 def key(position: int) -> str:
@@ -66,14 +67,6 @@ def from_key(text: str) -> int:
     raise ValueError(f"{text!r} is not a position key (20 digits, or w<n><digits>...)")
 
 
-def is_key(text: str) -> bool:
-    try:
-        from_key(text)
-    except ValueError:
-        return False
-    return True
-
-
 def stored(value: Any) -> int:
     """A position read back from storage written by any version: an int (old int64
     columns and objects, Avro longs) or a key (the text form)."""
@@ -84,11 +77,6 @@ def stored(value: Any) -> int:
     if isinstance(value, str):
         return from_key(value)
     raise ValueError(f"{value!r} is not a stored position")
-
-
-def avro_type() -> list[Any]:
-    """The Avro type of a position field (see the module doc)."""
-    return ["long", {"type": "string", "logicalType": LOGICAL_TYPE}]
 
 
 def _avro_write(datum: Any, schema: Any) -> str:
