@@ -200,6 +200,8 @@ class DuckDBWarehouse:
         self._lock = threading.Lock()
         # Open (batch, partition) -> its load number in staged_changes; never reused.
         self._loads: dict[tuple[str, int], int] = {}
+        # Per load, the stamp ranges (first, last) of the chunks staged into it.
+        self._ranges: dict[int, list[tuple[tuple[int, int], tuple[int, int]]]] = {}
         self._next_load = 1
         self._con = self._retry("open", lambda: duckdb.connect(str(self.path)))
         # Row order of a table means nothing here (merge orders by explicit columns), and
@@ -291,15 +293,22 @@ class DuckDBWarehouse:
             if table is None:
                 return
             load = self._load(changes.batch_id, changes.partition)
-            con.execute(
-                """
-                DELETE FROM staged_changes
-                WHERE load = $load AND source_position BETWEEN $lo AND $hi
-                  AND (source_position, part) BETWEEN ($lo, $lo_part) AND ($hi, $hi_part)
-                """,
-                {"load": load, "lo": positions.key(lo), "lo_part": lo_part, "hi": positions.key(hi),
-                 "hi_part": hi_part},
-            )
+            # Only a chunk staged again (its range meets one staged before in this load)
+            # can have rows there: the first staging of a chunk, the common case, skips
+            # the DELETE, a scan of the open batches' rows (string keys prune nothing:
+            # DuckDB's zone maps keep 8 bytes of a string, and keys share their leading
+            # zeros, or a Kinesis shard's leading digits).
+            if any(a <= (hi, hi_part) and (lo, lo_part) <= b
+                   for a, b in self._ranges.get(load, ())):
+                con.execute(
+                    """
+                    DELETE FROM staged_changes
+                    WHERE load = $load AND source_position BETWEEN $lo AND $hi
+                      AND (source_position, part) BETWEEN ($lo, $lo_part) AND ($hi, $hi_part)
+                    """,
+                    {"load": load, "lo": positions.key(lo), "lo_part": lo_part,
+                     "hi": positions.key(hi), "hi_part": hi_part},
+                )
             # Read by DuckDB's replacement scan of this local: which rows depends on the
             # watermark read in this transaction, and a scan needs no unregister (which
             # DuckDB refuses after a failed statement until ROLLBACK).
@@ -314,6 +323,9 @@ class DuckDBWarehouse:
             )
 
         self._transaction(f"stage {changes.batch_id}/{changes.partition}", body)
+        load = self._loads.get((changes.batch_id, changes.partition))
+        if load is not None:
+            self._ranges.setdefault(load, []).append(((lo, lo_part), (hi, hi_part)))
 
     def _load(self, batch_id: str, partition: int) -> int:
         """The number of an open (batch, partition) in staged_changes."""
@@ -347,7 +359,7 @@ class DuckDBWarehouse:
         self._transaction(f"drop staged changes of partition {partition}", body,
                           {"_staged_loads": self._staged_loads(partition)})
         for key in [k for k in self._loads if k[1] == partition]:
-            del self._loads[key]
+            self._ranges.pop(self._loads.pop(key), None)
 
     def is_loaded(self, batch_id: str, partition: int) -> bool:
         rows = self._query(
@@ -369,7 +381,7 @@ class DuckDBWarehouse:
         result = self._transaction(f"merge {batch_id}/{partition}", body,
                                    {"_staged_loads": self._staged_loads(partition)})
         # Every change of the batch in this partition is at or below its end marker.
-        self._loads.pop((batch_id, partition), None)
+        self._ranges.pop(self._loads.pop((batch_id, partition), -1), None)
         return result
 
     def reset_segments(self) -> None:
@@ -383,6 +395,7 @@ class DuckDBWarehouse:
 
         self._transaction("reset segment tables", body)
         self._loads.clear()
+        self._ranges.clear()
 
     # -- batch status -------------------------------------------------------------------
 
