@@ -4,7 +4,7 @@ In code a position is a Python int (topics/log.py): embedded byte offsets and Ka
 are small, a Kinesis position (shard, sequence number of up to 129 digits, sub-sequence)
 is packed into one int far above 2**64. Every layer that stores one uses this module:
 
-- Avro values (`avro_type`): a union of `long` (every position and sentinel that fits, so
+- Avro values (`AVRO_TYPE`): a union of `long` (every position and sentinel that fits, so
   a narrow value encodes as it always did, plus one union byte) and a decimal `string` for
   the wide ones, tagged with the logical type `position` so fastavro hands back an int
   either way. A writer schema of plain `long` resolves to the union's first branch: values
@@ -17,6 +17,10 @@ is packed into one int far above 2**64. Every layer that stores one uses this mo
   ("at the source", "none") is the empty text, first in any order. Keys hold only digits
   and `w`, so they sort the same under any collation; warehouse columns still compare
   bytewise where they can (COLLATE "C" on PostgreSQL) as that is also the cheapest.
+  Example: 42 is `00000000000000000042`, 10**20 is `w221100000000000000000000`. Readers of
+  old data take both an int and a key (`stored`). A key holds up to 999,999,999 digits.
+- Commit metadata (a sink's stamp) and snapshot headers are decimal text and JSON: any
+  width already. Kafka offsets stay int64 (Kafka positions are offsets).
 """
 
 from __future__ import annotations
