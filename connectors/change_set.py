@@ -18,7 +18,9 @@ import pyarrow.compute as pc
 
 from connectors.rows import OPS
 from topics import attributes as attribute_columns
+from topics import positions
 from topics.columns import LITTLE_ENDIAN, index_type, read_columns
+from topics.positions import key
 
 # Field order here is the order of every encoded format (Avro schema, JSON keys, Parquet).
 ARROW_SCHEMA = pa.schema(
@@ -33,8 +35,11 @@ ARROW_SCHEMA = pa.schema(
         # processor made it from, and which of that input's SegmentChanges messages carried
         # it. Rows fold in log order by (partition, source_position, part, row), across
         # batches too (batches may interleave on a partition). Last, so that tables built
-        # on the earlier columns only need columns added.
-        pa.field("source_position", pa.int64(), nullable=False),
+        # on the earlier columns only need columns added. The position as its key
+        # (topics/positions.py): text of any width that sorts as the numbers do, so every
+        # format, SQL engine and warehouse column orders by it (objects written before
+        # wide positions hold an int64 here: readers take both, `positions.stored`).
+        pa.field("source_position", pa.string(), nullable=False),
         pa.field("part", pa.int32(), nullable=False),
     ]
 )
@@ -75,7 +80,8 @@ class ChangeSet:
             raise ValueError(f"{self._name()}: {self.attributes.num_rows} rows of attributes "
                              f"for {len(self)} changes")
         if len(self):
-            first = (self.columns["source_position"][0].as_py(), self.columns["part"][0].as_py())
+            first = (positions.from_key(self.columns["source_position"][0].as_py()),
+                     self.columns["part"][0].as_py())
             if first != (self.first_position, self.first_part):
                 raise ValueError(f"{self._name()}: its first change is stamped {first}")
 
@@ -89,15 +95,16 @@ class ChangeSet:
         """Columns from lists; without source_positions and parts, every change comes from
         the one message (first_position, first_part)."""
         n = len(user_ids)
-        positions = [first_position] * n if source_positions is None else source_positions
+        stamps = [first_position] * n if source_positions is None else source_positions
         parts = [first_part] * n if parts is None else parts
-        if not len(segment_ids) == len(ops) == len(seqs) == len(positions) == len(parts) == n:
+        if not len(segment_ids) == len(ops) == len(seqs) == len(stamps) == len(parts) == n:
             raise ValueError(
                 f"ChangeSet {batch_id}/{partition}@{first_position}: column lengths differ "
                 f"(user_ids={n}, segment_ids={len(segment_ids)}, ops={len(ops)}, "
-                f"seqs={len(seqs)}, source_positions={len(positions)}, parts={len(parts)})")
+                f"seqs={len(seqs)}, source_positions={len(stamps)}, parts={len(parts)})")
         return cls(batch_id, partition, first_position, first_part, pa.Table.from_arrays(
-            [*_arrays(user_ids, segment_ids, ops, seqs), pa.array(positions, pa.int64()),
+            [*_arrays(user_ids, segment_ids, ops, seqs),
+             pa.array([key(p) for p in stamps], pa.string()),
              pa.array(parts, pa.int32())], schema=CHANGE_COLUMNS), attributes)
 
     def _name(self) -> str:
@@ -125,16 +132,21 @@ class ChangeSet:
 
     @property
     def source_positions(self) -> list[int]:
+        return [positions.from_key(k) for k in self.source_keys]
+
+    @property
+    def source_keys(self) -> list[str]:
+        """The source positions as stored (their keys)."""
         return self.columns["source_position"].to_pylist()
 
     @property
     def parts(self) -> list[int]:
         return self.columns["part"].to_pylist()
 
-    def rows(self) -> Iterator[tuple[str, str, str, int, int, int]]:
-        """(user_id, segment_id, op, seq, source_position, part) per change, for the
+    def rows(self) -> Iterator[tuple[str, str, str, int, str, int]]:
+        """(user_id, segment_id, op, seq, source_position key, part) per change, for the
         row-wise formats."""
-        return zip(self.user_ids, self.segment_ids, self.ops, self.seqs, self.source_positions,
+        return zip(self.user_ids, self.segment_ids, self.ops, self.seqs, self.source_keys,
                    self.parts, strict=True)
 
     def output_attributes(self) -> pa.Table | None:
@@ -191,7 +203,7 @@ def record_batch(value: dict[str, Any]) -> pa.RecordBatch:
 
 def _stamp_columns(value: dict[str, Any], count: int) -> list[pa.Array]:
     """source_position and part: the same on every row of one message."""
-    return [pa.repeat(pa.scalar(value["source_position"], pa.int64()), count),
+    return [pa.repeat(pa.scalar(key(value["source_position"]), pa.string()), count),
             pa.repeat(pa.scalar(value.get("part", 0), pa.int32()), count)]
 
 
@@ -261,3 +273,4 @@ def as_type(column: pa.ChunkedArray, kind: pa.DataType) -> pa.ChunkedArray:
         return pa.chunked_array([pa.array(
             [None if v is None else json.dumps(v, ensure_ascii=False, default=str)
              for v in column.to_pylist()], pa.string())], pa.string())
+

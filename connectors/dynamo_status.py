@@ -5,6 +5,12 @@ Each put is conditional on the position of the event the snapshot reflects (its
 `source_position`, rising along the batch's partition of the events topic): a snapshot
 re-read after a crash, re-emitted by the pipeline processor, or written late by a zombie
 worker never moves an item backwards.
+
+The position is kept as `source_key`, its key (topics/positions.py: a string of any width
+that DynamoDB's bytewise string order compares as the positions), and, when it is below
+10**20, also as the number `source_position` (what items written before wide positions
+hold alone; a DynamoDB number has 38 digits at most, a Kinesis position far more). An item
+without `source_key` is an older one: the number decides, and a wide position is above it.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from typing import Any
 
 from connectors.dynamo import ensure_table
 from streams.api import Input, Output
+from topics import positions
 from topics.spec import BATCH_STATUS
 
 KEY = "batch_id"
@@ -34,7 +41,9 @@ def status_item(status: dict[str, Any], position: int, detail: str) -> dict[str,
     serialize = TypeSerializer().serialize
     item = {name: serialize(_decimals(value)) for name, value in plain.items()}
     item[KEY] = {"S": status[KEY]}
-    item["source_position"] = {"N": str(position)}
+    if is_narrow(position):
+        item["source_position"] = {"N": str(position)}
+    item["source_key"] = {"S": positions.key(position)}
     item["detail"] = {"S": detail}
     return item
 
@@ -50,6 +59,11 @@ def _decimals(value: Any) -> Any:
     return value
 
 
+def is_narrow(position: int) -> bool:
+    """Held by a DynamoDB number as well (and by an item of an older writer)."""
+    return 0 <= position < 10**positions.NARROW_DIGITS
+
+
 class StatusTable:
     def __init__(self, name: str, client: Any = None):
         self.name = name
@@ -58,12 +72,16 @@ class StatusTable:
     def put(self, status: dict[str, Any], position: int, detail: str) -> bool:
         """Writes the item unless one from this position or a later one is there; False
         when it was (nothing changed)."""
+        values = {":k": {"S": positions.key(position)}}
+        older = "attribute_not_exists(source_key)"  # an item of an older writer: narrow
+        if is_narrow(position):
+            older = f"({older} AND source_position < :p)"
+            values[":p"] = {"N": str(position)}
         try:
             self.client.put_item(
                 TableName=self.name, Item=status_item(status, position, detail),
-                ConditionExpression="attribute_not_exists(#k) OR source_position < :p",
-                ExpressionAttributeNames={"#k": KEY},
-                ExpressionAttributeValues={":p": {"N": str(position)}})
+                ConditionExpression=f"attribute_not_exists(#k) OR source_key < :k OR {older}",
+                ExpressionAttributeNames={"#k": KEY}, ExpressionAttributeValues=values)
         except Exception as exc:
             from connectors.aws import error_code
 

@@ -20,6 +20,7 @@ from urllib.parse import unquote, urlparse
 
 from connectors.object_formats import decode_changes
 from connectors.object_store import ObjectStore
+from topics import positions
 
 PARTITION_MANIFEST = "_manifest.json"
 _PARTITION_DIR = re.compile(r"partition=(\d+)")
@@ -73,6 +74,7 @@ def _rows_listed(store: ObjectStore, manifest_key: str, partition: int) -> list[
         for r in decoded:
             if r["partition"] != partition:
                 raise ValueError(f"{key}: a row of partition {r['partition']}: {r}")
-            rows.append((r["source_position"], r["part"], r["op"] == "add", r["segment_id"],
-                         r["user_id"]))
+            # Objects of any writer: a position key, or an int before wide positions.
+            rows.append((positions.stored(r["source_position"]), r["part"], r["op"] == "add",
+                         r["segment_id"], r["user_id"]))
     return rows

@@ -1,12 +1,14 @@
 """S3 sink: membership changes as objects under deterministic keys, and manifests.
 
-    <prefix>/batch=<id>/partition=<p>/part-<position 20 digits>-<part 5 digits>.<ext>
+    <prefix>/batch=<id>/partition=<p>/part-<position key>-<part 5 digits>.<ext>
     <prefix>/batch=<id>/partition=<p>/_manifest.json   that partition's objects (on its close)
     <prefix>/batch=<id>/manifest.json                  COPY manifest, once all partitions closed
 
 A chunk's key is the stamp of its first change: the source position of the input message
 that made it and the part of that input's outputs (a replace end marker's removals come in
-parts that share its position), so no two chunks share a key. Each row carries its own
+parts that share its position), so no two chunks share a key. The position key is
+topics/positions.key: 20 digits below 10**20 (the names of every object written before wide
+positions), `w...` above, so that names sort in log order at any width. Each row carries its own
 source_position and part: folding the rows of every object a `_manifest.json` lists by
 (partition, source_position, part, row) replays the membership changes in log order,
 across batches (connectors/s3_fold.py).
@@ -22,11 +24,21 @@ import json
 from connectors.change_set import ChangeSet
 from connectors.object_formats import ManifestEntry, encode_changes, encode_manifest, extension
 from connectors.object_store import ObjectStore
+from topics import positions
 
 
 def object_name(first_position: int, first_part: int, fmt: str) -> str:
-    """part-<position 20 digits>-<part 5 digits>.<ext>: sorted by name is in log order."""
-    return f"part-{first_position:020d}-{first_part:05d}{extension(fmt)}"
+    """part-<position key>-<part 5 digits>.<ext>: sorted by name is in log order."""
+    return f"part-{positions.key(first_position)}-{first_part:05d}{extension(fmt)}"
+
+
+def parse_object_name(name: str) -> tuple[int, int]:
+    """(first position, first part) of a chunk's object name, either key form."""
+    stem = name.rpartition("/")[2].split(".", 1)[0]
+    kind, position, part = stem.split("-") if stem.count("-") == 2 else ("", "", "")
+    if kind != "part" or not part.isdigit():
+        raise ValueError(f"{name!r} is not a chunk's object name (part-<position>-<part>)")
+    return positions.from_key(position), int(part)
 
 
 class S3Sink:

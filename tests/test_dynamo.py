@@ -16,6 +16,7 @@ from connectors.dynamo import claim_object, ensure_guard_table
 from connectors.dynamo_status import DynamoStatusSink, StatusTable
 from tests.aws_server import aws_env, moto_endpoint, unique_name
 from tests.support import run_cli, write_csv
+from topics.positions import key
 
 __all__ = ["aws_env", "moto_endpoint"]  # fixtures, used by name
 
@@ -56,6 +57,32 @@ def test_item_holds_the_highest_position_in_any_order(aws_env: dict[str, str],
 
 
 _TABLES: list[str] = []
+
+
+def test_wide_positions_and_items_written_before_them(aws_env: dict[str, str]) -> None:
+    """A Kinesis position is far wider than a DynamoDB number: items keep its key
+    (`source_key`, compared as a string) and the number only when it fits. An item of an
+    older writer has only the number."""
+    table = StatusTable(unique_name("status"))
+    old = {"batch_id": {"S": "b"}, "status": {"S": "old"}, "source_position": {"N": "9"}}
+    table.client.put_item(TableName=table.name, Item=old)
+    assert not table.put(_status("b", "at-7"), 7, "{}")  # below the old item's number
+    assert table.put(_status("b", "at-12"), 12, "{}")
+    item = table.get("b")
+    assert item is not None
+    assert (item["source_position"], item["source_key"]) == (12, f"{12:020d}")
+    wide = 10**128 * 5 + 3  # a 129-digit position
+    assert table.put(_status("b", "wide"), wide, "{}")
+    assert not table.put(_status("b", "at-13"), 13, "{}")
+    assert not table.put(_status("b", "wide again"), wide, "{}")
+    assert not table.put(_status("b", "below"), wide - 1, "{}")
+    assert table.put(_status("b", "wider"), wide * 10, "{}")
+    item = table.get("b")
+    assert item is not None and item["status"] == "wider"
+    assert "source_position" not in item and item["source_key"] == key(wide * 10)
+    # An older item, then at once a wide position: the wide one is above it.
+    table.client.put_item(TableName=table.name, Item={**old, "batch_id": {"S": "c"}})
+    assert table.put(_status("c", "wide"), wide, "{}")
 
 
 def _shared_table() -> str:

@@ -29,6 +29,7 @@ from connectors.object_formats import (
 )
 from topics.codec import decode, encode
 from topics.columns import write_columns
+from topics.positions import key
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -44,7 +45,7 @@ CHANGES = ChangeSet.from_lists(
     segment_ids=["s1", "s1", "s2", "s2", "s3", "s3", "s1"],
     ops=["remove", "remove", "remove", "add", "add", "remove", "remove"],
     seqs=[-1, -1, 12, 13, 14, -1, -1],
-    source_positions=[1200, 1200, 1250, 1250, 1250, 2**62, 2**62],
+    source_positions=[1200, 1200, 1250, 1250, 1250, 2**62, 2**130],  # 2**130: a wide one
     parts=[2, 2, 0, 0, 0, 0, 0],
 )
 
@@ -58,7 +59,7 @@ def _expected_rows(cs: ChangeSet) -> list[dict[str, object]]:
             "segment_id": s,
             "op": o,
             "seq": q,
-            "source_position": sp,
+            "source_position": key(sp),  # objects hold the position's key
             "part": part,
         }
         for u, s, o, q, sp, part in zip(cs.user_ids, cs.segment_ids, cs.ops, cs.seqs,
@@ -112,10 +113,10 @@ def test_record_batch_reads_an_older_writers_arrays() -> None:
     value = {"count": 0, "user_ids": ["u1", "u2"], "segment_ids": ["s", "t"],
              "ops": ["add", "remove"], "seqs": [3, -1], "source_position": 9, "part": 1}
     assert record_batch(value).to_pylist() == [
-        {"user_id": "u1", "segment_id": "s", "op": "add", "seq": 3, "source_position": 9,
-         "part": 1},
-        {"user_id": "u2", "segment_id": "t", "op": "remove", "seq": -1, "source_position": 9,
-         "part": 1}]
+        {"user_id": "u1", "segment_id": "s", "op": "add", "seq": 3,
+         "source_position": "00000000000000000009", "part": 1},
+        {"user_id": "u2", "segment_id": "t", "op": "remove", "seq": -1,
+         "source_position": "00000000000000000009", "part": 1}]
 
 
 def test_record_batch_refuses_columns_of_the_wrong_size() -> None:
@@ -238,8 +239,8 @@ ids = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
 @st.composite
 def change_sets(draw: st.DrawFn) -> ChangeSet:
     n = draw(st.integers(0, 30))
-    first_position, first_part = draw(st.integers(0, 2**63 - 1)), draw(st.integers(0, 99_999))
-    positions = draw(st.lists(st.integers(0, 2**63 - 1), min_size=n, max_size=n))
+    first_position, first_part = draw(st.integers(0, 2**200)), draw(st.integers(0, 99_999))
+    positions = draw(st.lists(st.integers(0, 2**200), min_size=n, max_size=n))
     parts = draw(st.lists(st.integers(0, 2**31 - 1), min_size=n, max_size=n))
     return ChangeSet.from_lists(
         batch_id=draw(ids),

@@ -288,7 +288,7 @@ def test_serialization_failure_is_retried_with_backoff(postgres_url: str) -> Non
         tries = []
 
         def body(cur: Any) -> None:
-            cur.execute("INSERT INTO merge_watermark VALUES (7, 1)")
+            cur.execute("INSERT INTO merge_watermark VALUES (7, '00000000000000000001')")
             tries.append(1)
             if len(tries) < 3:
                 cur.execute("SELECT 1/0")  # not transient: must not be retried
@@ -297,7 +297,7 @@ def test_serialization_failure_is_retried_with_backoff(postgres_url: str) -> Non
         assert len(tries) == 1 and slept == [] and wh.watermark(7) is None
 
         def flaky(cur: Any) -> None:
-            cur.execute("INSERT INTO merge_watermark VALUES (8, 1)")
+            cur.execute("INSERT INTO merge_watermark VALUES (8, '00000000000000000001')")
             tries.append(1)
             if len(tries) < 3:
                 raise pgerrors.SerializationFailure("could not serialize")

@@ -3,7 +3,8 @@
 A value is `C3 01` + the 8-byte CRC-64-AVRO fingerprint of the writer schema + the Avro
 body. Readers look the writer up by fingerprint and resolve it to the reader schema of the
 same name, so a value written with an old schema version is read by today's code.
-Old versions live in `schemas/history/` and stay registered as writers.
+Old versions live in `schemas/history/` and stay registered as writers. Position fields
+are of any width (topics/positions.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ from typing import Any
 
 from fastavro import parse_schema, schemaless_reader, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
+
+# Registers the `position` logical type (wide positions) before any schema is parsed.
+from topics import positions as _positions  # noqa: F401
 
 MAGIC = b"\xc3\x01"
 HEADER_SIZE = 10

@@ -12,6 +12,12 @@ crash), and a merge at or below it does nothing: each change lands exactly once.
 The rules are written once here (`stage_rows`, `merge_once`) against `Tx`, a transaction
 of any dialect; each dialect supplies its SQL for staging a chunk and applying the last
 change per (segment, user).
+
+Positions are stored as their keys (topics/positions.py): text of any width (a Kinesis
+position is far above 2**64) whose bytewise order is the positions' order, so staging and
+watermark columns are text compared bytewise (COLLATE "C" on PostgreSQL) and every SQL
+comparison (`<=`, BETWEEN, ORDER BY) holds at any width. Tables made before wide positions
+(BIGINT columns) are altered when a warehouse opens them (`POSITION_COLUMNS`).
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from connectors.change_set import ChangeSet
+from topics import positions
 
 T = TypeVar("T")
 
@@ -96,9 +103,28 @@ LEDGER_ALL = ("SELECT batch_id, partition, rows_loaded, added, removed, loaded_a
 SEGMENT_TABLES = ("segment_members", "staged_changes", "load_ledger", "merge_watermark")
 
 
+# (table, column) holding positions: text keys now, BIGINT in tables made before.
+POSITION_COLUMNS = (("staged_changes", "source_position"), ("merge_watermark", "source_position"))
+COLUMN_TYPE = ("SELECT data_type FROM information_schema.columns"
+               " WHERE table_schema = current_schema() AND table_name = ? AND column_name = ?")
+# SQL of an old BIGINT column's values as keys: 20 zero-padded digits (none is negative:
+# positions stored there are those of input messages).
+KEY_OF_BIGINT = "LPAD(CAST({c} AS VARCHAR), 20, '0')"
+
+
+def narrow_position_columns(tx: Tx) -> list[tuple[str, str]]:
+    """The POSITION_COLUMNS still of an integer type (a warehouse made by older code)."""
+    narrow = []
+    for table, column in POSITION_COLUMNS:
+        rows = tx.rows(COLUMN_TYPE, [table, column])
+        if rows and rows[0][0].lower() in ("bigint", "int8", "integer", "int4"):
+            narrow.append((table, column))
+    return narrow
+
+
 def watermark_in(tx: Tx, partition: int) -> int | None:
     rows = tx.rows(WATERMARK, [partition])
-    return rows[0][0] if rows else None
+    return positions.stored(rows[0][0]) if rows else None
 
 
 def rows_to_stage(tx: Tx, changes: ChangeSet) -> pa.Table | None:
@@ -106,13 +132,13 @@ def rows_to_stage(tx: Tx, changes: ChangeSet) -> pa.Table | None:
     (None) for a chunk re-sent after its merge committed (staging it would leak), else those
     after the partition's merge watermark."""
     merged = watermark_in(tx, changes.partition)
-    positions = changes.columns["source_position"]
-    if merged is not None and positions[-1].as_py() <= merged:
+    keys = changes.columns["source_position"]
+    if merged is not None and positions.from_key(keys[-1].as_py()) <= merged:
         return None
     table = changes.columns.append_column(
         "ordinal", pa.array(range(len(changes)), pa.int32()))
-    if merged is not None:
-        table = table.filter(pc.greater(positions, merged))
+    if merged is not None:  # keys compare as the positions do
+        table = table.filter(pc.greater(keys, pa.scalar(positions.key(merged), pa.string())))
     return table
 
 
@@ -122,7 +148,7 @@ def chunk_bounds(changes: ChangeSet) -> tuple[tuple[int, int], tuple[int, int]]:
     staged rows are this chunk's."""
     cols = changes.columns
     return ((changes.first_position, changes.first_part),
-            (cols["source_position"][-1].as_py(), cols["part"][-1].as_py()))
+            (positions.from_key(cols["source_position"][-1].as_py()), cols["part"][-1].as_py()))
 
 
 Apply = Callable[[Tx, str, int, int], tuple[int, int, int]]
@@ -149,7 +175,7 @@ def merge_once(tx: Tx, batch_id: str, partition: int, end_position: int, apply: 
 def _write_watermark(tx: Tx, partition: int, position: int) -> None:
     delete, insert = WATERMARK_WRITE
     tx.execute(delete, [partition])
-    tx.execute(insert, [partition, position])
+    tx.execute(insert, [partition, positions.key(position)])
 
 
 def with_retries(what: str, fn: Callable[[], T], *, transient: Callable[[BaseException], bool],

@@ -33,6 +33,7 @@ from psycopg_pool import ConnectionPool
 
 from connectors.change_set import ChangeSet
 from connectors.warehouses.base import (
+    KEY_OF_BIGINT,
     LEDGER_ALL,
     SEGMENT_TABLES,
     STATUS_COLUMNS,
@@ -42,11 +43,13 @@ from connectors.warehouses.base import (
     Tx,
     chunk_bounds,
     merge_once,
+    narrow_position_columns,
     rows_to_stage,
     status_table,
     with_retries,
 )
 from streams.faults import crash_point
+from topics import positions
 
 T = TypeVar("T")
 
@@ -74,7 +77,7 @@ SCHEMA = (
     """
     CREATE UNLOGGED TABLE IF NOT EXISTS staged_changes (
         partition INTEGER NOT NULL,
-        source_position BIGINT NOT NULL,
+        source_position TEXT COLLATE "C" NOT NULL,
         part INTEGER NOT NULL,
         ordinal INTEGER NOT NULL,
         seq BIGINT NOT NULL,
@@ -101,7 +104,7 @@ SCHEMA = (
     """
     CREATE TABLE IF NOT EXISTS merge_watermark (
         partition INTEGER PRIMARY KEY,
-        source_position BIGINT NOT NULL
+        source_position TEXT COLLATE "C" NOT NULL
     )
     """,
     """
@@ -122,7 +125,8 @@ SCHEMA = (
 )
 STAGE_COLUMNS = ("partition", "source_position", "part", "ordinal", "seq", "batch_id",
                  "user_id", "segment_id", "op")
-STAGE_TYPES = ("int4", "int8", "int4", "int4", "int8", "text", "text", "text", "text")
+# source_position: its key (text, see base.py), as in the staging table.
+STAGE_TYPES = ("int4", "text", "int4", "int4", "int8", "text", "text", "text", "text")
 COPY_STAGED = (f"COPY staged_changes ({', '.join(STAGE_COLUMNS)})"
                " FROM STDIN (FORMAT BINARY)")
 # A chunk's own rows: of its batch, in its range of stamps (the chunks of other batches of
@@ -270,6 +274,10 @@ class PostgresWarehouse:
         cur.execute("SELECT pg_advisory_xact_lock(%s, -1)", [LOCK_SPACE])
         for ddl in self.schema:
             cur.execute(ddl)
+        # A database made before wide positions: its BIGINT positions become their keys.
+        for table, column in narrow_position_columns(PgTx(cur)):
+            cur.execute(f'ALTER TABLE {table} ALTER COLUMN {column} TYPE TEXT COLLATE "C"'
+                        f" USING {KEY_OF_BIGINT.format(c=column)}")
 
     # -- loads ------------------------------------------------------------------------
 
@@ -285,8 +293,9 @@ class PostgresWarehouse:
             if table is None:
                 return
             cur.execute(DELETE_CHUNK, {"partition": changes.partition,
-                                       "batch": changes.batch_id, "lo": lo,
-                                       "lo_part": lo_part, "hi": hi, "hi_part": hi_part})
+                                       "batch": changes.batch_id, "lo": positions.key(lo),
+                                       "lo_part": lo_part, "hi": positions.key(hi),
+                                       "hi_part": hi_part})
             copy_rows(cur, changes.batch_id, changes.partition, table)
 
         self._transaction(f"stage {changes.batch_id}/{changes.partition}", body)
@@ -301,7 +310,7 @@ class PostgresWarehouse:
         rows = self._query("read merge_watermark",
                            "SELECT source_position FROM merge_watermark WHERE partition = ?",
                            [partition])
-        return rows[0][0] if rows else None
+        return positions.stored(rows[0][0]) if rows else None
 
     def is_loaded(self, batch_id: str, partition: int) -> bool:
         return bool(self._query("read load_ledger",
@@ -330,7 +339,7 @@ class PostgresWarehouse:
     def _apply(self, tx: Tx, batch_id: str, partition: int,
                end_position: int) -> tuple[int, int, int]:
         cur = tx.cur  # type: ignore[attr-defined]
-        params = {"partition": partition, "through": end_position}
+        params = {"partition": partition, "through": positions.key(end_position)}
         cur.execute(MERGE, params)
         rows_loaded, added, removed = cur.fetchone()
         cur.execute(DELETE_MERGED, params)

@@ -38,15 +38,18 @@ import psycopg
 from connectors.change_set import ChangeSet
 from connectors.s3_sink import object_name
 from connectors.warehouses.base import (
+    KEY_OF_BIGINT,
     SEGMENT_TABLES,
     STATUS_COLUMNS,
     TIMESTAMP_COLUMNS,
     Tx,
     WarehouseError,
     chunk_bounds,
+    narrow_position_columns,
     status_table,
 )
 from connectors.warehouses.postgres import PgTx, PostgresWarehouse, is_transient
+from topics import positions
 
 SCHEMA = (
     """
@@ -72,7 +75,7 @@ SCHEMA = (
     """
     CREATE TABLE IF NOT EXISTS merge_watermark (
         partition INTEGER NOT NULL PRIMARY KEY,
-        source_position BIGINT NOT NULL
+        source_position VARCHAR(256) NOT NULL
     )
     """,
     """
@@ -92,7 +95,9 @@ SCHEMA = (
     """,
 )
 # Columns in the order of the Parquet objects (connectors/change_set.ARROW_SCHEMA): COPY
-# of a columnar format maps columns by position.
+# of a columnar format maps columns by position. Positions are their keys (base.py): text
+# of up to 256 characters here (a position of up to ~250 digits; a Kinesis one, packed, is
+# well under 200).
 STAGING = """
     CREATE TEMP TABLE staged_load (
         batch_id VARCHAR(256) NOT NULL,
@@ -101,7 +106,7 @@ STAGING = """
         segment_id VARCHAR(256) NOT NULL,
         op VARCHAR(16) NOT NULL,
         seq BIGINT NOT NULL,
-        source_position BIGINT NOT NULL,
+        source_position VARCHAR(256) NOT NULL,
         part INTEGER NOT NULL
     )
 """
@@ -158,6 +163,16 @@ def s3_url(root: str) -> str:
     return root.rstrip("/")
 
 
+def migrate_statements(table: str, column: str) -> list[str]:
+    """A BIGINT position column as a VARCHAR of keys, on Redshift (whose ALTER COLUMN TYPE
+    only changes a VARCHAR's length): add, fill, drop the old, rename."""
+    new = f"{column}_key"
+    return [f"ALTER TABLE {table} ADD COLUMN {new} VARCHAR(256) DEFAULT ''",
+            f"UPDATE {table} SET {new} = {KEY_OF_BIGINT.format(c=column)}",
+            f"ALTER TABLE {table} DROP COLUMN {column}",
+            f"ALTER TABLE {table} RENAME COLUMN {new} TO {column}"]
+
+
 def quote(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
@@ -194,6 +209,11 @@ class RedshiftWarehouse(PostgresWarehouse):
     def _create_schema(self, cur: psycopg.Cursor[Any]) -> None:
         for ddl in self.schema:
             self._exec(cur, ddl)
+        # A database made before wide positions: its BIGINT watermark becomes keys. Redshift
+        # alters no column's type but a VARCHAR's length: a new column replaces it.
+        for table, column in narrow_position_columns(PgTx(cur)):
+            for statement in migrate_statements(table, column):
+                self._exec(cur, statement)
 
     def _exec(self, cur: psycopg.Cursor[Any], sql: str, params: Sequence[Any] = ()) -> None:
         if self._trace is not None:
@@ -276,7 +296,8 @@ class RedshiftWarehouse(PostgresWarehouse):
         cur = tx.cur  # type: ignore[attr-defined]
         merged = PgTx(cur).rows("SELECT source_position FROM merge_watermark"
                                 " WHERE partition = ?", [partition])
-        params = [partition, merged[0][0] if merged else -1, end_position]
+        params = [partition, merged[0][0] if merged else positions.NONE_KEY,
+                  positions.key(end_position)]
         self._exec(cur, STAGING)
         for statement in self.copy_statements(batch_id, partition, end_position):
             self._copy(cur, statement)

@@ -5,7 +5,10 @@ A snapshot of a partition is every key of every table as of one changelog positi
 last message it covers), with the input stamp, the owner generation and the replay epoch
 then in force. Restore = newest valid snapshot + the changelog after it.
 
-    <prefix>/<changelog topic>/<partition>/snapshot-<covers, 20 digits>-<generation>.snap
+    <prefix>/<changelog topic>/<partition>/snapshot-<covers key>-<generation>.snap
+
+(the key of topics/positions.py: 20 digits below 10**20, as every snapshot written before
+wide positions is named, `w...` above; the header's numbers are JSON, of any width).
 
 An object is whole or absent: the store's put is atomic, and a snapshot ends with the
 SHA-256 of what precedes it (a damaged one is skipped, loudly). Only an owner writes one,
@@ -24,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from topics import positions
 from topics.columns import pack_text, unpack_text
 
 log_ = logging.getLogger(__name__)
@@ -75,7 +79,7 @@ class SnapshotStore:
                   "tables": {name: len(entries) for name, entries in snapshot.tables.items()},
                   "sections": [len(section) for section in sections]}
         body = b"".join([MAGIC, json.dumps(header).encode(), b"\n", *sections])
-        key = (f"{self._dir(topic, partition)}/snapshot-{snapshot.covers:020d}-"
+        key = (f"{self._dir(topic, partition)}/snapshot-{positions.key(snapshot.covers)}-"
                f"{snapshot.generation}.snap")
         self.store.put(key, body + hashlib.sha256(body).digest())
         self._prune(topic, partition)
@@ -128,4 +132,5 @@ class SnapshotStore:
 
 
 def _covers(key: str) -> int:
-    return int(key.rsplit("/", 1)[1].split("-")[1])
+    """The changelog position a snapshot's name says it covers (either key form)."""
+    return positions.from_key(key.rsplit("/", 1)[1].split("-")[1])
