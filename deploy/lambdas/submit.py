@@ -18,6 +18,11 @@ from connectors.rows import InputFileError
 from deploy import s3_events
 from deploy.lambdas.runtime import BadEvent, now_ms, settings
 
+# The state machine's wait for the batch to close: a read of the status table every
+# POLL_SECONDS, at most MAX_POLLS times (an hour), then the batch counts as not closed.
+POLL_SECONDS = 15
+MAX_POLLS = 240
+
 
 def handler(event: Any, context: Any = None) -> dict[str, Any]:
     execution = ""
@@ -48,6 +53,7 @@ def handler(event: Any, context: Any = None) -> dict[str, Any]:
         "batch_id": obj.batch_id, "url": obj.url, "bucket": obj.bucket, "key": obj.key,
         "version": obj.version, "size": obj.size, "format": fmt, "duplicate": not first,
         "on_lambda": obj.size <= chosen.lambda_import_max_bytes,
+        "poll_seconds": POLL_SECONDS, "max_polls": MAX_POLLS,
         # The Fargate task's command (the image's ENTRYPOINT is `streams`).
         "command": ["import", obj.url, "--batch-id", obj.batch_id, "-q"],
     }
