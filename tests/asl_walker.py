@@ -36,6 +36,7 @@ class Run:
     status: str = "RUNNING"  # SUCCEEDED | FAILED
     visited: list[str] = field(default_factory=list)
     inputs: dict[str, list[Any]] = field(default_factory=dict)  # state -> inputs, in order
+    results: list[tuple[str, Any]] = field(default_factory=list)  # (task state, its result)
     output: Any = None
     error: str = ""
     cause: str = ""
@@ -239,6 +240,7 @@ def run(definition: dict[str, Any], tasks: dict[str, Task], data: Any,
         while True:
             try:
                 value = tasks[resource](copy.deepcopy(params))
+                result.results.append((name, copy.deepcopy(value)))
                 break
             except Exception as exc:  # the task's error, as Step Functions sees it
                 error = _error_of(exc)

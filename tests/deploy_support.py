@@ -14,7 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
+
+from connectors import aws
+from connectors.dynamo_status import StatusTable
 from deploy.definition import DEFINITION, TEMPLATE
+from tests.aws_server import unique_name
+from tests.support import write_csv
 
 ROOT = Path(__file__).resolve().parent.parent
 FUNCTIONS = {  # Lambda function (logical id) -> its handler, as the template names them
@@ -94,11 +100,15 @@ class Deployment:
         return env
 
     def process(self, command: list[str], env: dict[str, str],
-                **kwargs: Any) -> subprocess.Popen[str]:
-        """The image's ENTRYPOINT (`streams`) with a task's command, as a plain process."""
-        full = {**os.environ, **self.aws_env, **env, "PYTHONPATH": str(ROOT)}
-        return subprocess.Popen([sys.executable, "-m", "streams", *command], env=full,
-                                text=True, cwd=self.data_dir.parent, **kwargs)
+                entrypoint: list[str] | None = None, **kwargs: Any) -> subprocess.Popen[str]:
+        """The image's ENTRYPOINT (`streams`; by default this interpreter's, from this tree)
+        with a task's command, as a plain process."""
+        full = {**os.environ, **self.aws_env, **env}
+        if entrypoint is None:
+            entrypoint = [sys.executable, "-m", "streams"]
+            full["PYTHONPATH"] = str(ROOT)
+        return subprocess.Popen([*entrypoint, *command], env=full, text=True,
+                                cwd=self.data_dir.parent, **kwargs)
 
 
 def eventbridge_event(bucket: str, key: str, head: dict[str, Any]) -> dict[str, Any]:
@@ -148,3 +158,31 @@ def kinesis_event(records: list[dict[str, Any]], stream_arn: str) -> dict[str, A
         "eventName": "aws:kinesis:record", "awsRegion": "us-east-1",
         "invokeIdentityArn": "arn:aws:iam::123456789012:role/lambda",
         "eventSourceARN": stream_arn} for r in records]}
+
+
+@pytest.fixture
+def deployment(aws_env: dict[str, str], tmp_path: Path,
+               monkeypatch: pytest.MonkeyPatch) -> Deployment:
+    s3 = aws.client("s3")
+    names = Deployment(unique_name("input"), unique_name("output"), unique_name("status"),
+                       unique_name("guard"), tmp_path / "data", aws_env)
+    for bucket in (names.input_bucket, names.output_bucket):
+        s3.create_bucket(Bucket=bucket)
+    s3.put_bucket_versioning(Bucket=names.input_bucket,
+                             VersioningConfiguration={"Status": "Enabled"})
+    StatusTable(names.status_table)  # the template's table (created here on first use)
+    for name, value in names.function_env("SubmitFunction").items():
+        monkeypatch.setenv(name, value)
+    return names
+
+
+def upload(d: Deployment, key: str, body: bytes) -> dict[str, Any]:
+    s3 = aws.client("s3")
+    s3.put_object(Bucket=d.input_bucket, Key=key, Body=body)
+    return s3.head_object(Bucket=d.input_bucket, Key=key)
+
+
+def csv_bytes(tmp_path: Path, rows: list[tuple[str, str, str]]) -> bytes:
+    return write_csv(tmp_path / "rows.csv", rows).read_bytes()
+
+

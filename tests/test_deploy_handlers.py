@@ -19,39 +19,16 @@ from deploy.lambdas.runtime import BadConfiguration, BadEvent
 from tests.aws_server import aws_env, moto_endpoint, unique_name
 from tests.deploy_support import (
     Deployment,
+    csv_bytes,
+    deployment,
     eventbridge_event,
     kinesis_event,
     s3_notification,
+    upload,
 )
 from tests.support import expected_members, random_rows, write_csv
 
-__all__ = ["aws_env", "moto_endpoint"]  # fixtures, used by name
-
-
-@pytest.fixture
-def deployment(aws_env: dict[str, str], tmp_path: Path,
-               monkeypatch: pytest.MonkeyPatch) -> Deployment:
-    s3 = aws.client("s3")
-    names = Deployment(unique_name("input"), unique_name("output"), unique_name("status"),
-                       unique_name("guard"), tmp_path / "data", aws_env)
-    for bucket in (names.input_bucket, names.output_bucket):
-        s3.create_bucket(Bucket=bucket)
-    s3.put_bucket_versioning(Bucket=names.input_bucket,
-                             VersioningConfiguration={"Status": "Enabled"})
-    StatusTable(names.status_table)  # the template's table (created here on first use)
-    for name, value in names.function_env("SubmitFunction").items():
-        monkeypatch.setenv(name, value)
-    return names
-
-
-def upload(d: Deployment, key: str, body: bytes) -> dict[str, Any]:
-    s3 = aws.client("s3")
-    s3.put_object(Bucket=d.input_bucket, Key=key, Body=body)
-    return s3.head_object(Bucket=d.input_bucket, Key=key)
-
-
-def csv_bytes(tmp_path: Path, rows: list[tuple[str, str, str]]) -> bytes:
-    return write_csv(tmp_path / "rows.csv", rows).read_bytes()
+__all__ = ["aws_env", "deployment", "moto_endpoint"]  # fixtures, used by name
 
 
 def test_submit_guards_double_fires_in_both_event_shapes(deployment: Deployment,
