@@ -140,7 +140,7 @@ def start_worker(d: Deployment, task_definition: str,
     command, task_env = d.container(task_definition)
     log = d.data_dir.parent / f"{task_definition}.log"
     with open(log, "w") as out:
-        proc = d.process(command, {**task_env, **(env or {})}, stderr=out, stdout=out,
+        proc = d.process(command, {**(env or {}), **task_env}, stderr=out, stdout=out,
                          entrypoint=streams)
     deadline = time.monotonic() + 120
     while "worker running" not in log.read_text():
