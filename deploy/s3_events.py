@@ -9,9 +9,13 @@ a double-fired event (S3 -> EventBridge is at-least-once) maps to the same batch
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote_plus
+
+# The importer's rule for a batch id (connectors/importer.py BATCH_ID).
+BATCH_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class BadEvent(ValueError):
