@@ -270,3 +270,55 @@ def test_scheduled_reimport_and_bad_jobs(deployment: Deployment, tmp_path: Path,
         scheduled.handler({"job": "reimport", "url": "file.csv"})
     replayed = scheduled.handler({"job": "replay", "from": "earliest"})
     assert replayed["job"] == "replay" and "replayed from earliest" in replayed["report"]
+
+
+class _FailingProducer:
+    """A producer whose sends fail while `broken` is set (the log unreachable)."""
+
+    def __init__(self, inner: Any, broken: list[bool]):
+        self.inner, self.broken = inner, broken
+
+    def send(self, *args: Any, **kwargs: Any) -> None:
+        if self.broken[0]:
+            raise ConnectionError("the log is unreachable")
+        self.inner.send(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+def test_kinesis_handler_retries_the_whole_batch_when_the_log_fails(
+        deployment: Deployment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Writes of the changelog or outputs failing: the response names the batch's first
+    record (nothing of it may count as done), and the retry applies every row once."""
+    from processors.segments import AudienceSegments
+    from streams.pipeline import Pipeline
+    from streams.settings import Settings
+    from streams.state.recovery import restore
+
+    rows = random_rows(200, 30, 2, seed=5)
+    stream = unique_name("prefix") + ".audience.rows"
+    records = _put_aggregated(stream, _rows_messages(deployment, rows, tmp_path),
+                              poison_after=0)[1:]  # no poison this time
+    event = kinesis_event(records, f"arn:aws:kinesis:us-east-1:123456789012:stream/{stream}")
+    broken = [False]
+    pipe = Pipeline(Settings(data_dir=deployment.data_dir))
+    real = pipe.log.producer
+    monkeypatch.setattr(pipe.log, "producer", lambda: _FailingProducer(real(), broken))
+    try:
+        broken[0] = True
+        first = records[0]["SequenceNumber"]
+        response = kinesis.run_batch(pipe, AudienceSegments(), event["Records"])
+        assert response == {"batchItemFailures": [{"itemIdentifier": first}]}
+        broken[0] = False
+        assert kinesis.run_batch(pipe, AudienceSegments(), event["Records"]) == {
+            "batchItemFailures": []}
+        segments, table = AudienceSegments(), {}
+        for p in pipe.log.partitions(segments.input_topic):
+            store, _tail = restore(pipe.log, segments.changelog_topic, p, segments.tables,
+                                   pipe.snapshots)
+            table.update(store.data["members"])
+    finally:
+        pipe.close()
+    assert {(s, u) for u, ms in table.items() for s, _b in ms} == expected_members(
+        [("add", rows)])
