@@ -276,22 +276,33 @@ def _run_on_moto(endpoint: str, machine: Machine, event: dict[str, Any],
             "lambda": config.get("lambda", {"use_docker": True})})
 
 
-def test_a_failed_import_records_its_step_and_alerts(deployment: Deployment,
-                                                     tmp_path: Path) -> None:
-    machine = Machine(deployment, [])
+@pytest.mark.parametrize("where", ["lambda", "fargate"])
+def test_a_failed_import_records_its_step_and_alerts(
+        deployment: Deployment, where: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    if where == "fargate":
+        monkeypatch.setenv("STREAMS_LAMBDA_IMPORT_MAX_BYTES", "0")
+    ecs_runs: list[dict[str, Any]] = []
+    machine = Machine(deployment, ecs_runs)
     head = upload(deployment, "in/empty.csv", b"user_id,segment_id\n")  # a header, no rows
     result = machine.run(eventbridge_event(deployment.input_bucket, "in/empty.csv", head),
                          "empty")
     assert (result.status, result.error) == ("FAILED", "BatchFailed")
-    assert result.visited[-5:] == ["ImportOnLambda", "ImportFailed", "RecordFailure", "Alert",
-                                   "Failed"]
+    tail = (["ImportOnLambda", "ImportFailed"] if where == "lambda" else
+            ["ImportOnFargate", "FargateExitCode", "FargateImportFailed", "ImportFailed"])
+    assert result.visited[-len(tail) - 3:] == [*tail, "RecordFailure", "Alert", "Failed"]
     batch_id = result.output["batch"]["batch_id"]
     item = StatusTable(deployment.status_table).get(batch_id)
     assert item is not None
     assert item["execution_failed_step"] == "import"
-    assert item["execution_error"].startswith("ImportFailed: ")
-    assert "no data rows" in item["execution_error"]
     assert item["step_import"]["phase"] == "failed"
+    if where == "lambda":  # the handler's error type and message
+        assert item["execution_error"].startswith("ImportFailed: ")
+        assert "no data rows" in item["execution_error"]
+    else:  # the task's exit code; its message is in the task's log (stderr here)
+        assert item["execution_error"] == (
+            "ImportFailed: streams import exited 1: Essential container in task exited")
+        run, = ecs_runs
+        assert "no data rows" in run["stderr"]
     alert, = machine.received("alert")
     body = json.loads(alert)
     assert body["failed_step"] == "import" and body["batch"]["batch_id"] == batch_id
