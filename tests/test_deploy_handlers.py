@@ -322,3 +322,39 @@ def test_kinesis_handler_retries_the_whole_batch_when_the_log_fails(
         pipe.close()
     assert {(s, u) for u, ms in table.items() for s, _b in ms} == expected_members(
         [("add", rows)])
+
+
+def test_kinesis_handler_runs_the_pipeline_processor_on_its_events_stream(
+        deployment: Deployment, tmp_path: Path) -> None:
+    """pipeline.events on Lambda: the batch table folded from its events, as a worker of
+    the pipeline role does."""
+    from processors.pipeline_state import PipelineState
+    from streams.pipeline import Pipeline
+    from streams.settings import Settings
+    from streams.state.recovery import restore
+    from topics.spec import EVENTS
+
+    producer = Pipeline(Settings(data_dir=tmp_path / "producer"))
+    try:
+        path = write_csv(tmp_path / "k.csv", random_rows(50, 10, 2, seed=9))
+        result = producer.importer().run(producer.import_request(str(path)))
+        events = [m for p in producer.log.partitions(EVENTS)
+                  for m in producer.log.read(EVENTS, p)]
+    finally:
+        producer.close()
+    stream = unique_name("prefix") + ".pipeline.events"
+    records = _put_aggregated(stream, events, poison_after=0)[1:]
+    event = kinesis_event(records, f"arn:aws:kinesis:us-east-1:123456789012:stream/{stream}")
+    assert kinesis.handler(event) == {"batchItemFailures": []}
+    pipe = Pipeline(Settings(data_dir=deployment.data_dir))
+    try:
+        state = PipelineState()
+        batches: dict[str, Any] = {}
+        for p in pipe.log.partitions(state.input_topic):
+            store, _tail = restore(pipe.log, state.changelog_topic, p, state.tables,
+                                   pipe.snapshots)
+            batches.update(store.data["batches"])
+    finally:
+        pipe.close()
+    status = batches[result.batch_id]
+    assert (status.status, status.rows) == ("published", 50)
