@@ -273,22 +273,26 @@ def test_scheduled_reimport_and_bad_jobs(deployment: Deployment, tmp_path: Path,
 
 
 class _FailingProducer:
-    """A producer whose sends fail while `broken` is set (the log unreachable)."""
+    """A producer whose sends fail once `allowed[0]` sends are used up (the log becomes
+    unreachable part-way)."""
 
-    def __init__(self, inner: Any, broken: list[bool]):
-        self.inner, self.broken = inner, broken
+    def __init__(self, inner: Any, allowed: list[float]):
+        self.inner, self.allowed = inner, allowed
 
     def send(self, *args: Any, **kwargs: Any) -> None:
-        if self.broken[0]:
+        if self.allowed[0] <= 0:
             raise ConnectionError("the log is unreachable")
+        self.allowed[0] -= 1
         self.inner.send(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
 
+@pytest.mark.parametrize("allowed", [0, 6])  # from the start, or mid-batch
 def test_kinesis_handler_retries_the_whole_batch_when_the_log_fails(
-        deployment: Deployment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        deployment: Deployment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        allowed: int) -> None:
     """Writes of the changelog or outputs failing: the response names the batch's first
     record (nothing of it may count as done), and the retry applies every row once."""
     from processors.segments import AudienceSegments
@@ -301,16 +305,15 @@ def test_kinesis_handler_retries_the_whole_batch_when_the_log_fails(
     records = _put_aggregated(stream, _rows_messages(deployment, rows, tmp_path),
                               poison_after=0)[1:]  # no poison this time
     event = kinesis_event(records, f"arn:aws:kinesis:us-east-1:123456789012:stream/{stream}")
-    broken = [False]
+    budget: list[float] = [allowed]
     pipe = Pipeline(Settings(data_dir=deployment.data_dir))
     real = pipe.log.producer
-    monkeypatch.setattr(pipe.log, "producer", lambda: _FailingProducer(real(), broken))
+    monkeypatch.setattr(pipe.log, "producer", lambda: _FailingProducer(real(), budget))
     try:
-        broken[0] = True
         first = records[0]["SequenceNumber"]
         response = kinesis.run_batch(pipe, AudienceSegments(), event["Records"])
         assert response == {"batchItemFailures": [{"itemIdentifier": first}]}
-        broken[0] = False
+        budget[0] = float("inf")
         assert kinesis.run_batch(pipe, AudienceSegments(), event["Records"]) == {
             "batchItemFailures": []}
         segments, table = AudienceSegments(), {}

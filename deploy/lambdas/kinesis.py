@@ -11,10 +11,11 @@ records before the first one that cannot be processed are checkpointed (outputs,
 changelog with its stamp), and the response names that record's sequence number, so Lambda
 retries from it; the retried records already applied are skipped by their stamps. A failure
 inside a KPL aggregate names the aggregate: its sub-records are all retried, those applied
-skipped. A failure of the checkpoint itself names the batch's first record. A processor's
+skipped. An error of the log under the task (the changelog or output stream unreachable)
+names the batch's first record: nothing more is made durable, as after a crash. A processor's
 own error on a message is not a failed record: ProcessorTask dead-letters it (as on every
-backend). Failed records are: data that is no message envelope or no project value (another
-producer), and errors of the log (the changelog or output stream unreachable).
+backend). A failed record is data that is no message envelope or no project value (another
+producer wrote it).
 
 Positions: (sequence number, sub-sequence number) as one integer, sequence * 2**32 + sub.
 """
@@ -64,26 +65,36 @@ def run_batch(pipe: Any, processor: Any, records: list[dict[str, Any]]) -> dict[
                                                         s.snapshot_interval_s))
     consumer = log.pushed
     assert consumer is not None
+    first = records[0]["kinesis"]["sequenceNumber"]
     failed: str | None = None
     try:
         for record in records:
             sequence = record["kinesis"]["sequenceNumber"]
             try:
-                for message in _messages(record, processor.input_topic):
-                    consumer.push(message)
-                    task.step(max_messages=1, timeout_s=0.0)
-            except Exception as exc:
+                messages = _messages(record, processor.input_topic)
+            except Exception as exc:  # no message of the project: nothing of it was applied
                 log_.error("record %s of %s: %s: %s; reporting it as failed (Lambda retries "
                            "from it)", sequence, processor.input_topic,
                            type(exc).__name__, exc)
                 failed = sequence
                 break
+            try:
+                for message in messages:
+                    consumer.push(message)
+                    task.step(max_messages=1, timeout_s=0.0)
+            except Exception as exc:
+                # The log failed under the task: what it holds in memory may include part
+                # of a message, so nothing more is made durable here (as after a crash);
+                # the whole batch is retried, its durable part skipped by the stamps.
+                log_.error("record %s of %s: %s: %s; the whole batch is retried", sequence,
+                           processor.input_topic, type(exc).__name__, exc)
+                return {"batchItemFailures": [{"itemIdentifier": first}]}
         try:
             task.checkpoint()
         except Exception as exc:
             log_.error("checkpoint failed (%s: %s): the whole batch is retried",
                        type(exc).__name__, exc)
-            failed = records[0]["kinesis"]["sequenceNumber"]
+            failed = first
     finally:
         task.close()
     return {"batchItemFailures": [] if failed is None else [{"itemIdentifier": failed}]}
