@@ -155,6 +155,7 @@ def test_task_definitions_and_functions_run_the_image_as_documented() -> None:
             continue
         container = r["Properties"]["ContainerDefinitions"][0]
         assert container["Name"] == "streams" and container["StopTimeout"] <= 120
+        assert container["LinuxParameters"]["InitProcessEnabled"] is True  # signals reach it
         names = {e["Name"] for e in container["Environment"]}
         assert all(n.startswith("STREAMS_") for n in names)
         if container["Command"][0] == "worker":
