@@ -83,3 +83,14 @@ def object_id(bucket: str, key: str, version: str) -> str:
 
 def ensure_guard_table(name: str, client: Any = None) -> Any:
     return ensure_table(name, "object_id", client, what="trigger guard table")
+
+
+def claim_of(table: str, bucket: str, key: str, version: str,
+             client: Any = None) -> dict[str, str] | None:
+    """The stored claim of an object version (its string attributes), None if unclaimed."""
+    client = client if client is not None else aws.client("dynamodb")
+    item = client.get_item(TableName=table, ConsistentRead=True,
+                           Key={"object_id": {"S": object_id(bucket, key, version)}}).get("Item")
+    if item is None:
+        return None
+    return {name: value["S"] for name, value in item.items() if "S" in value}

@@ -142,6 +142,12 @@ GROUP_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("--status-table",), dict(default="",
                               help="DynamoDB table mirroring the batch table (created on "
                                    "first use) [default: none].")),
+    (("--guard-table",), dict(default="",
+                             help="Deployment: DynamoDB table of the triggers' double-fire "
+                                  "guard (created on first use).")),
+    (("--lambda-import-max-bytes",), dict(type=click.IntRange(0), default=256 << 20,
+                                         help="Deployment: files up to this size are "
+                                              "imported on Lambda, larger on Fargate.")),
     (("--fsync/--no-fsync",), dict(default=False,
                                    help="fsync the embedded log on every flush (survives "
                                         "power loss, slower).")),

@@ -71,6 +71,10 @@ class Settings:
     log_format: str = "human"  # human | json
     alert_webhook: str = ""
     batch_deadline: str = ""  # a duration (90s, 15m, 2h); "" = no deadline alerts
+    # Deployment (deploy/lambdas): the triggers' double-fire guard table, and the largest
+    # file the Submit step sends to the import on Lambda (larger ones go to a Fargate task).
+    guard_table: str = ""
+    lambda_import_max_bytes: int = 256 << 20
 
     def problems(self) -> list[str]:
         """What is wrong with these settings, each naming the setting and what was
@@ -215,6 +219,34 @@ class Settings:
                 value = " ".join(value)
             env[f"{ENV_PREFIX}_{f.name.upper()}"] = str(value)
         return env
+
+    @classmethod
+    def from_env(cls, environ: dict[str, str]) -> Settings:
+        """The settings from STREAMS_* variables alone (a Lambda handler has no command line);
+        ValueError naming the variable when one does not parse."""
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = f"{ENV_PREFIX}_{f.name.upper()}"
+            if name not in environ:
+                continue
+            text, kind = environ[name], str(f.type)
+            try:
+                if "bool" in kind:
+                    if text.lower() not in ("1", "0", "true", "false", "yes", "no", ""):
+                        raise ValueError(text)
+                    values[f.name] = text.lower() in ("1", "true", "yes")
+                elif "tuple" in kind:
+                    values[f.name] = tuple(text.split())
+                elif "int" in kind:
+                    values[f.name] = int(text) if text else None
+                elif "float" in kind:
+                    values[f.name] = float(text)
+                else:
+                    values[f.name] = text
+            except ValueError:
+                raise ValueError(f"{name}={text!r}: expected {kind.replace(' | None', '')}"
+                                 ) from None
+        return cls.build(values)
 
     @classmethod
     def build(cls, values: dict[str, Any]) -> Settings:

@@ -186,3 +186,26 @@ def test_run_mirrors_the_batch_into_the_table(aws_env: dict[str, str], tmp_path:
     for step in ("submitted_at", "published_at", "closed_at"):
         assert item[step] == status[step]
     assert json.loads(item["detail"])["closed_at"] == status["closed_at"]
+
+
+def test_the_state_machine_records_survive_the_mirror(aws_env: dict[str, str]) -> None:
+    """The trigger writes a batch's item before the pipeline has seen it, and its steps
+    beside the pipeline's status: the mirror's writes (UpdateItem of its own attributes)
+    replace the trigger's `submitted` and keep every `step_*` (a whole-item put lost them)."""
+    table = StatusTable(unique_name("status"))
+    assert table.submit("b1", "s3://in/k.csv", 500, {"phase": "ended", "at": 500})
+    assert not table.submit("b1", "s3://in/k.csv", 600, {"phase": "ended", "at": 600})
+    assert table.put(_status("b1", "published"), 0, "{}")  # position 0 is above the -1
+    table.record_step("b1", "import", {"phase": "failed", "at": 700, "error": "boom"})
+    assert table.put(_status("b1", "closed", closed_at=2000), 9, "{}")
+    item = table.get("b1")
+    assert item is not None
+    assert (item["status"], item["source_position"], item["closed_at"]) == ("closed", 9, 2000)
+    assert item["step_submit"] == {"phase": "ended", "at": 600}  # the retry's record
+    assert item["step_import"]["error"] == "boom"
+    assert (item["execution_failed_step"], item["execution_error"]) == ("import", "boom")
+    # A submit after the mirror wrote changes none of the mirror's attributes.
+    assert not table.submit("b1", "s3://in/other.csv", 800, {"phase": "ended", "at": 800})
+    item = table.get("b1")
+    assert item is not None and (item["status"], item["source"]) != ("submitted",
+                                                                     "s3://in/other.csv")
