@@ -15,8 +15,10 @@ Lambda cannot fail) run on the walker only.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +31,7 @@ from connectors import aws
 from connectors.dynamo_status import StatusTable
 from deploy.lambdas import submit
 from tests import asl_walker
-from tests.aws_server import aws_env, moto_endpoint, unique_name
+from tests.aws_server import aws_env, free_port, moto_endpoint, unique_name
 from tests.deploy_support import (
     FUNCTIONS,
     Deployment,
@@ -138,6 +140,9 @@ def start_worker(d: Deployment, task_definition: str,
     """A service's task: its container's command and environment, as a process (its logs
     in a file, as awslogs takes them); returned once it says it is running."""
     command, task_env = d.container(task_definition)
+    # Each ECS task has a network namespace of its own (awsvpc); here they share one host.
+    port = str(free_port())
+    task_env = {**task_env, "STREAMS_METRICS_PORT": port}
     log = d.data_dir.parent / f"{task_definition}.log"
     with open(log, "w") as out:
         proc = d.process(command, {**(env or {}), **task_env}, stderr=out, stdout=out,
@@ -147,6 +152,17 @@ def start_worker(d: Deployment, task_definition: str,
         assert proc.poll() is None, log.read_text()
         assert time.monotonic() < deadline, log.read_text()
         time.sleep(0.05)  # polling its log for the start line
+    # The container health check of the task definition, as ECS runs it, passes.
+    check = template()["Resources"][task_definition]["Properties"]["ContainerDefinitions"][
+        0]["HealthCheck"]["Command"]
+    assert check[0] == "CMD-SHELL"
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    while subprocess.run(["sh", "-c", check[1]],
+                         env={**os.environ, "PATH": path, "STREAMS_METRICS_PORT": port},
+                         capture_output=True, timeout=30).returncode != 0:
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, f"health check failing: {log.read_text()}"
+        time.sleep(0.1)  # polling the health endpoint until the worker serves it
     return proc, log
 
 
