@@ -1,0 +1,550 @@
+"""A group member on Kinesis: shard leases in the group's table, virtual partitions to the
+runtime.
+
+Leases. Every cycle (a third of the failover time) the member scans the table, creates the
+leases the shards call for (shard_sync.py), takes free leases (no owner) and expired ones
+(counter unchanged for the failover time by this process's monotonic clock) up to its fair
+share of the processable ones, and when it has fewer than its share and nothing is free,
+steals one lease from the member holding most (the KCL's bounded stealing). A thread renews
+every held lease each third of the failover time. Once a renewal is refused (the counter
+moved: someone took it), or no renewal succeeded for the failover time by our clock (this
+process was paused, or DynamoDB was unreachable), the lease is lost: the listener's
+`on_lost` runs inside the next poll and commits for it are refused; and every commit is an
+UpdateItem conditional on the counter, so a worker that lost a lease cannot commit even
+before it notices. `close` revokes, checkpoints and releases (leaseOwner removed), so
+another member takes the leases at once instead of after the failover time.
+
+Virtual partitions. The runtime's partitions are the topic's virtual partitions: a member is
+assigned those whose hash key lies in a processable shard it holds. Each assigned partition
+has a cursor reading its lineage (the shards that held its hash key, oldest first) from
+after its committed (or sought) position, up to and including the leased shard, so a
+partition whose commit lies in an ancestor shard (a handover after a split) catches up
+there first. A cursor parks at the end of the leased shard. When every partition of a held
+shard is parked, the shard is finished: the member makes the child leases that do not exist
+yet, owned by itself; partitions whose child it holds continue there without a callback;
+the others are revoked (the runtime commits), their commits copied into the child lease
+(not processed by anyone yet: its parents are not all at SHARD_END), and the shard is
+checkpointed at SHARD_END. A child is processable once all its parents are at SHARD_END;
+finished parent leases are deleted once all their children have owners.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from topics.backends.kinesis.envelope import hash_key_of
+from topics.backends.kinesis.leases import (
+    SHARD_END,
+    TRIM_HORIZON,
+    Commit,
+    Lease,
+    LeaseTable,
+    with_commits,
+)
+from topics.backends.kinesis.positions import shard_index, unpack
+from topics.backends.kinesis.records import ShardCursor
+from topics.backends.kinesis.shard_sync import (
+    commit_of,
+    new_lease,
+    processable,
+    stream_leases,
+    sync,
+)
+from topics.backends.kinesis.streams import Shard, Streams, chain, virtual_partitions
+from topics.log import Message, RebalanceListener, TopicPartition
+
+log_ = logging.getLogger(__name__)
+
+IDLE_FETCH_S = 0.2  # a cursor at the tip asks again after this long
+
+
+@dataclass
+class _Held:
+    lease: Lease
+    topic: str
+    renewed_at: float  # monotonic time the last successful renewal was sent
+    lost: bool = False
+
+
+@dataclass
+class _Cursor:
+    """One virtual partition's reading along its lineage."""
+
+    tp: TopicPartition
+    hash_key: int
+    after: int | None
+    shard: ShardCursor | None = None
+    parked: bool = False  # at the end of the leased shard
+    buffer: deque[Message] = field(default_factory=deque)
+    next_fetch: float = 0.0
+
+
+class KinesisConsumer:
+    def __init__(self, kinesis: Any, streams: Streams, table: LeaseTable, group: str,
+                 topics: Sequence[str], listener: RebalanceListener, member: str,
+                 failover_s: float):
+        self.kinesis = kinesis
+        self.streams = streams
+        self.table = table
+        self.group = group
+        self.topics = list(topics)
+        self.listener = listener
+        self.member = member or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.failover_s = failover_s
+        self.partitions = {t: streams.partition_count(t) for t in self.topics}
+        self._by_stream = {streams.name(t): t for t in self.topics}
+        self._held: dict[str, _Held] = {}
+        self._seen: dict[str, tuple[int, float]] = {}  # key -> (counter, first seen)
+        self._leases: dict[str, Lease] = {}  # the last scan
+        self._shards: dict[str, list[Shard]] = {}
+        self._assigned: dict[TopicPartition, str] = {}  # tp -> key of the lease carrying it
+        self._cursors: dict[TopicPartition, _Cursor] = {}
+        self._lock = threading.RLock()  # held leases: renewals vs commits
+        self._next_cycle = 0.0
+        self._rr = 0
+        self._closed = False
+        self._stop = threading.Event()
+        self.renewing = threading.Event()  # cleared: renewals pause (tests: a stalled worker)
+        self.renewing.set()
+        table.ensure()
+        self._renewer = threading.Thread(target=self._renewals, daemon=True,
+                                         name=f"lease-renewer-{group}-{self.member}")
+        self._renewer.start()
+
+    # -- renewal --------------------------------------------------------------------------
+    def _renewals(self) -> None:
+        while not self._stop.wait(self.failover_s / 3):
+            if not self.renewing.is_set():
+                continue
+            with self._lock:
+                held = list(self._held.values())
+            for h in held:
+                self._renew(h)
+
+    def _renew(self, h: _Held) -> None:
+        with self._lock:
+            if h.lost or self._held.get(h.lease.key) is not h:
+                return
+            sent = time.monotonic()
+            try:
+                renewed = self.table.renew(h.lease, self.member)
+            except Exception as exc:  # network: the clock fence decides if it lasts
+                log_.warning("renewing %s failed: %s", h.lease.key, exc)
+                return
+            if renewed is None:
+                log_.warning("%s: lease %s was taken (renewal refused)", self.member,
+                             h.lease.key)
+                h.lost = True
+            else:
+                h.lease, h.renewed_at = renewed, sent
+
+    def _valid(self, h: _Held) -> bool:
+        """Held by our clock too: renewed within the failover time."""
+        return not h.lost and time.monotonic() - h.renewed_at < self.failover_s
+
+    # -- the lease cycle ------------------------------------------------------------------
+    def _tps_of(self, key: str) -> list[TopicPartition]:
+        return sorted(tp for tp, k in self._assigned.items() if k == key)
+
+    def _lose(self, keys: Sequence[str]) -> None:
+        tps: list[TopicPartition] = []
+        for key in keys:
+            self._held.pop(key, None)
+            tps.extend(self._tps_of(key))
+        for tp in tps:
+            self._assigned.pop(tp, None)
+            self._cursors.pop(tp, None)
+        if tps:
+            log_.warning("%s lost %s (lease taken or expired)", self.member,
+                         ", ".join(map(str, tps)))
+            on_lost = getattr(self.listener, "on_lost", None)
+            (on_lost or self.listener.on_revoked)(tps)
+
+    def _check_lost(self) -> None:
+        with self._lock:
+            lost = [k for k, h in self._held.items() if not self._valid(h)]
+        if lost:
+            self._lose(lost)
+
+    def _expired(self, lease: Lease, now: float) -> bool:
+        counter, since = self._seen.get(lease.key, (lease.counter, now))
+        return lease.owner is None or (counter == lease.counter
+                                       and now - since >= self.failover_s)
+
+    def _scan(self) -> None:
+        now = time.monotonic()
+        self._leases = self.table.scan()
+        for key, lease in self._leases.items():
+            seen = self._seen.get(key)
+            if seen is None or seen[0] != lease.counter:
+                self._seen[key] = (lease.counter, now)
+
+    def _cycle(self) -> None:
+        self._next_cycle = time.monotonic() + self.failover_s / 3
+        self._check_lost()
+        self._scan()
+        made = False
+        for topic in self.topics:
+            stream = self.streams.name(topic)
+            self._shards[topic] = self.streams.shards(topic)
+            made = bool(sync(self.table, stream, self._shards[topic], self.partitions[topic],
+                             self._leases)) or made
+        if made:
+            self._scan()
+        self._cleanup()
+        self._take()
+        self._finish_shards()
+        self._reassign()
+
+    def _ours(self, lease: Lease) -> bool:
+        return lease.stream in self._by_stream
+
+    def _processable(self) -> list[Lease]:
+        out = []
+        for stream in self._by_stream:
+            by_shard = stream_leases(self._leases, stream)
+            out.extend(lease for lease in by_shard.values() if processable(lease, by_shard))
+        return out
+
+    def _take(self) -> None:
+        now = time.monotonic()
+        todo = self._processable()
+        live = {lease.owner for lease in self._leases.values()
+                if self._ours(lease) and lease.owner and not self._expired(lease, now)}
+        live.add(self.member)
+        target = math.ceil(len(todo) / len(live)) if todo else 0
+        mine = [lease for lease in todo if lease.key in self._held]
+        free = sorted((lease for lease in todo
+                       if lease.key not in self._held and self._expired(lease, now)),
+                      key=lambda lease: (lease.owner is not None, lease.key))
+        wanted = max(0, target - len(mine))
+        for lease in free[:wanted]:
+            self._take_one(lease)
+        if wanted > len(free):
+            counts: dict[str, list[Lease]] = {}
+            for lease in todo:
+                if lease.owner and lease.owner != self.member and lease not in free:
+                    counts.setdefault(lease.owner, []).append(lease)
+            richest = max(counts.values(), key=len, default=[])
+            if len(richest) > target:
+                victim = sorted(richest, key=lambda lease: lease.key)[-1]
+                log_.info("%s steals %s from %s (%d leases, target %d)", self.member,
+                          victim.key, victim.owner, len(richest), target)
+                self._take_one(victim)
+
+    def _take_one(self, lease: Lease) -> None:
+        taken = self.table.take(lease, self.member)
+        if taken is None:
+            return  # someone else was quicker
+        topic = self._by_stream[taken.stream]
+        with self._lock:
+            self._held[taken.key] = _Held(taken, topic, time.monotonic())
+        self._leases[taken.key] = taken
+        log_.info("%s took lease %s", self.member, taken.key)
+
+    def _cleanup(self) -> None:
+        """Deletes finished leases whose children all exist and have owners."""
+        for stream, topic in self._by_stream.items():
+            by_shard = stream_leases(self._leases, stream)
+            for shard in self._shards.get(topic, []):
+                lease = by_shard.get(shard.id)
+                if lease is None or not lease.finished or lease.key in self._held:
+                    continue
+                children = [s for s in self._shards[topic] if shard.id in s.parents]
+                if children and all(c.id in by_shard and by_shard[c.id].owner
+                                    for c in children):
+                    if self.table.delete(lease):
+                        self._leases.pop(lease.key, None)
+
+    # -- assignment -----------------------------------------------------------------------
+    def _reassign(self) -> None:
+        with self._lock:
+            held = {k: h for k, h in self._held.items() if self._valid(h)}
+        by_stream = {s: stream_leases(self._leases, s) for s in self._by_stream}
+        wanted: dict[TopicPartition, str] = {}
+        for key, h in held.items():
+            lease = h.lease
+            if lease.finished or not processable(lease, by_stream[lease.stream]):
+                continue
+            shard = self._shard(h.topic, lease.shard_id)
+            if shard is None:
+                continue
+            for v in virtual_partitions(shard, self.partitions[h.topic]):
+                wanted[TopicPartition(h.topic, v)] = key
+        # Partitions parked at the end of a shard we still hold stay ours until it finishes.
+        for tp, key in self._assigned.items():
+            if tp not in wanted and key in held:
+                wanted[tp] = key
+        gone = sorted(tp for tp in self._assigned if tp not in wanted)
+        if gone:
+            self.listener.on_revoked(gone)
+            for tp in gone:
+                self._assigned.pop(tp, None)
+                self._cursors.pop(tp, None)
+        new = sorted(tp for tp in wanted if tp not in self._assigned)
+        for tp, key in wanted.items():
+            moved = self._assigned.get(tp)
+            self._assigned[tp] = key
+            if moved is not None and moved != key:
+                cursor = self._cursors.get(tp)
+                if cursor is not None:
+                    cursor.parked = False  # on into the child
+        for tp in new:
+            commit = self._commit_of(tp)
+            self._cursors[tp] = _Cursor(tp, hash_key_of(tp.partition, self.partitions[tp.topic]),
+                                        None if commit is None else commit.position)
+        if new:
+            log_.info("%s assigned %s", self.member, ", ".join(map(str, new)))
+            self.listener.on_assigned(new)
+
+    def _shard(self, topic: str, shard_id: str) -> Shard | None:
+        for shard in self._shards.get(topic, []):
+            if shard.id == shard_id:
+                return shard
+        return None
+
+    def _finish_shards(self) -> None:
+        """Held shards whose partitions are all parked at their end: hand them on."""
+        for key, h in list(self._held.items()):
+            tps = self._tps_of(key)
+            if h.lease.finished or not tps or not self._valid(h):
+                continue
+            if not all(self._cursors[tp].parked for tp in tps if tp in self._cursors):
+                continue
+            self._finish(h, tps)
+
+    def _finish(self, h: _Held, tps: list[TopicPartition]) -> None:
+        topic, stream = h.topic, h.lease.stream
+        shards = self._shards[topic] = self.streams.shards(topic)
+        by_shard = stream_leases(self._leases, stream)
+        by_shard[h.lease.shard_id] = h.lease
+        children: dict[str, Lease] = {}
+        for child in (s for s in shards if h.lease.shard_id in s.parents):
+            lease = by_shard.get(child.id)
+            if lease is None:
+                lease = new_lease(stream, child, self.partitions[topic], by_shard, self.member)
+                if self.table.create(lease):
+                    with self._lock:
+                        self._held[lease.key] = _Held(lease, topic, time.monotonic())
+                else:
+                    lease = self.table.get(lease.key) or lease
+            self._leases[lease.key] = children[child.id] = lease
+        continuing, handed = [], []
+        for tp in tps:
+            hk = self._cursors[tp].hash_key
+            child = next((c for c in children.values() if c.start <= hk <= c.end), None)
+            if child is not None and child.key in self._held:
+                continuing.append((tp, child.key))
+            else:
+                handed.append((tp, child))
+        if handed:
+            self.listener.on_revoked([tp for tp, _ in handed])  # the runtime commits here
+            for tp, child in handed:
+                self._assigned.pop(tp, None)
+                self._cursors.pop(tp, None)
+                commit = h.lease.commits.get(tp.partition)
+                if child is not None and commit is not None:
+                    self.table.put_commits(child.key, {tp.partition: commit})
+        with self._lock:
+            done = self.table.checkpoint(h.lease, self.member, SHARD_END, 0, {})
+            if done is None:
+                h.lost = True
+            else:  # finished: its partitions go on; nothing is committed to it any more
+                self._held.pop(done.key, None)
+        if done is None:
+            self._lose([h.lease.key])
+            return
+        self._leases[done.key] = done
+        log_.info("%s: %s checkpointed at SHARD_END", self.member, done.key)
+        for tp, child_key in continuing:
+            self._assigned[tp] = child_key
+            self._cursors[tp].parked = False
+        released = self.table.release(done, self.member)
+        if released is not None:
+            self._leases[done.key] = released
+
+    # -- reading --------------------------------------------------------------------------
+    def _advance(self, cursor: _Cursor) -> bool:
+        """Moves the cursor to the next shard of its lineage it may read; False if none."""
+        key = self._assigned.get(cursor.tp)
+        h = self._held.get(key or "")
+        if h is None or not processable(h.lease, stream_leases(self._leases, h.lease.stream)):
+            return False  # a child whose other parent is not finished yet waits
+        limit = shard_index(h.lease.shard_id)
+        lineage = chain(self._shards.get(cursor.tp.topic, []), cursor.hash_key)
+        current = cursor.shard.shard.index if cursor.shard is not None else None
+        if current is None and cursor.after is not None:
+            start = unpack(cursor.after).shard
+            candidates = [s for s in lineage if s.index >= start]
+        else:
+            candidates = [s for s in lineage if current is None or s.index > current]
+        candidates = [s for s in candidates if s.index <= limit]
+        if not candidates:
+            return False
+        shard = candidates[0]
+        cursor.shard = ShardCursor(self.kinesis, h.lease.stream, cursor.tp.topic, shard,
+                                   cursor.after)
+        return True
+
+    def _fill(self, cursor: _Cursor, now: float) -> None:
+        if cursor.parked or now < cursor.next_fetch:
+            return
+        if cursor.shard is None or cursor.shard.ended:
+            if cursor.shard is not None and cursor.shard.ended:
+                key = self._assigned.get(cursor.tp, "")
+                h = self._held.get(key)
+                if h is not None and cursor.shard.shard.id == h.lease.shard_id:
+                    cursor.parked = True
+                    return
+            if not self._advance(cursor):
+                cursor.next_fetch = now + IDLE_FETCH_S
+                return
+        assert cursor.shard is not None
+        batch = cursor.shard.fetch()
+        got = [m for m in batch.messages if m.partition == cursor.tp.partition]
+        cursor.buffer.extend(got)
+        if got:
+            cursor.after = got[-1].position
+        if not batch.messages and not batch.ended:
+            cursor.next_fetch = now + IDLE_FETCH_S
+
+    def poll(self, max_messages: int, timeout_s: float) -> list[Message]:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if time.monotonic() >= self._next_cycle:
+                self._cycle()
+            else:
+                self._check_lost()
+            out = self._take_messages(max_messages)
+            if out:
+                return out
+            now = time.monotonic()
+            for cursor in list(self._cursors.values()):
+                self._fill(cursor, now)
+            out = self._take_messages(max_messages)
+            if out or time.monotonic() >= deadline:
+                return out
+            time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
+
+    def _take_messages(self, max_messages: int) -> list[Message]:
+        out: list[Message] = []
+        cursors = sorted(self._cursors.values(), key=lambda c: c.tp)
+        for i in range(len(cursors)):
+            cursor = cursors[(self._rr + i) % len(cursors)]
+            while cursor.buffer and len(out) < max_messages:
+                out.append(cursor.buffer.popleft())
+            if len(out) >= max_messages:
+                break
+        self._rr += 1
+        return out
+
+    # -- Consumer -------------------------------------------------------------------------
+    def assignment(self) -> set[TopicPartition]:
+        return set(self._assigned)
+
+    def seek_after(self, tp: TopicPartition, position: int | None) -> None:
+        cursor = self._cursors.get(tp)
+        if cursor is None:
+            return
+        cursor.after, cursor.shard, cursor.parked = position, None, False
+        cursor.buffer.clear()
+        cursor.next_fetch = 0.0
+
+    def commit(self, positions: dict[TopicPartition, int],
+               metadata: dict[TopicPartition, str] | None = None) -> None:
+        notes = metadata or {}
+        per_lease: dict[str, dict[int, Commit]] = {}
+        for tp, position in positions.items():
+            key = self._assigned.get(tp)
+            if key is None:
+                continue  # a revoked partition's position belongs to its new owner
+            per_lease.setdefault(key, {})[tp.partition] = Commit(position, notes.get(tp, ""))
+        lost = []
+        for key, commits in per_lease.items():
+            with self._lock:
+                h = self._held.get(key)
+                if h is None or not self._valid(h):
+                    lost.append(key)
+                    continue
+                checkpoint, sub = self._shard_checkpoint(h, commits)
+                done = self.table.checkpoint(h.lease, self.member, checkpoint, sub, commits)
+                if done is None:
+                    h.lost = True
+                    lost.append(key)
+                else:
+                    h.lease = done
+                    self._leases[key] = done
+        if lost:
+            self._lose(lost)
+
+    def _shard_checkpoint(self, h: _Held, commits: dict[int, Commit]) -> tuple[str, int]:
+        """The lowest position any of the shard's partitions still needs, in the shard."""
+        if h.lease.finished:
+            return SHARD_END, 0
+        index = shard_index(h.lease.shard_id)
+        merged = with_commits(h.lease, commits).commits
+        shard = self._shard(h.topic, h.lease.shard_id)
+        vs = virtual_partitions(shard, self.partitions[h.topic]) if shard else list(merged)
+        lowest = None
+        for v in vs:
+            commit = merged.get(v)
+            if commit is None or commit.position is None:
+                return TRIM_HORIZON, 0
+            at = unpack(commit.position)
+            if at.shard < index:
+                return TRIM_HORIZON, 0
+            lowest = at if lowest is None or at < lowest else lowest
+        if lowest is None:
+            return TRIM_HORIZON, 0
+        return str(lowest.sequence), lowest.sub
+
+    def _commit_of(self, tp: TopicPartition) -> Commit | None:
+        key = self._assigned.get(tp)
+        h = self._held.get(key or "")
+        if h is not None:  # ours: the lease carrying it is where it is committed
+            return h.lease.commits.get(tp.partition)
+        leases = self.table.scan()
+        return commit_of(stream_leases(leases, self.streams.name(tp.topic)), tp.partition,
+                         self.partitions[tp.topic])
+
+    def committed(self, tp: TopicPartition) -> int | None:
+        commit = self._commit_of(tp)
+        return None if commit is None else commit.position
+
+    def committed_metadata(self, tp: TopicPartition) -> str:
+        commit = self._commit_of(tp)
+        return "" if commit is None else commit.metadata
+
+    def close(self) -> None:
+        """Revokes what it owns (the runtime checkpoints), then releases every lease."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            owned = sorted(self._assigned)
+            if owned:
+                self.listener.on_revoked(owned)
+        finally:
+            self._stop.set()
+            self._renewer.join(timeout=10)
+            with self._lock:
+                held, self._held = list(self._held.values()), {}
+            for h in held:
+                if not h.lost:
+                    try:
+                        self.table.release(h.lease, self.member)
+                    except Exception as exc:  # it expires after the failover time instead
+                        log_.warning("releasing %s failed: %s", h.lease.key, exc)
+            self._assigned.clear()
+            self._cursors.clear()
+
