@@ -5,7 +5,9 @@ Leases. Every cycle (a third of the failover time) the member scans the table, c
 leases the shards call for (shard_sync.py), takes free leases (no owner) and expired ones
 (counter unchanged for the failover time by this process's monotonic clock) up to its fair
 share of the processable ones, and when it has fewer than its share and nothing is free,
-steals one lease from the member holding most (the KCL's bounded stealing). A thread renews
+asks the member holding most for one lease (bounded stealing, one per cycle, as the KCL):
+the owner hands it over cleanly in its next cycle (revoke, commit, release), and only a
+request unanswered for the failover time is taken by force, as the KCL steals. A thread renews
 every held lease each third of the failover time. Once a renewal is refused (the counter
 moved: someone took it), or no renewal succeeded for the failover time by our clock (this
 process was paused, or DynamoDB was unreachable), the lease is lost: the listener's
@@ -111,6 +113,8 @@ class KinesisConsumer:
         self._cursors: dict[TopicPartition, _Cursor] = {}
         self._lock = threading.RLock()  # held leases: renewals vs commits
         self._next_cycle = 0.0
+        self._requested: dict[str, float] = {}  # lease key -> when we asked for it
+        self._peers: dict[str, float] = {}  # member that asked us for a lease -> when
         self._rr = 0
         self._closed = False
         self._stop = threading.Event()
@@ -202,6 +206,7 @@ class KinesisConsumer:
         if made:
             self._scan()
         self._cleanup()
+        self._hand_over()
         self._take()
         self._finish_shards()
         self._reassign()
@@ -221,6 +226,8 @@ class KinesisConsumer:
         todo = self._processable()
         live = {lease.owner for lease in self._leases.values()
                 if self._ours(lease) and lease.owner and not self._expired(lease, now)}
+        # A member that asked for a lease lately is live though it may hold none yet.
+        live |= {m for m, seen in self._peers.items() if now - seen < self.failover_s}
         live.add(self.member)
         target = math.ceil(len(todo) / len(live)) if todo else 0
         mine = [lease for lease in todo if lease.key in self._held]
@@ -237,10 +244,42 @@ class KinesisConsumer:
                     counts.setdefault(lease.owner, []).append(lease)
             richest = max(counts.values(), key=len, default=[])
             if len(richest) > target:
-                victim = sorted(richest, key=lambda lease: lease.key)[-1]
-                log_.info("%s steals %s from %s (%d leases, target %d)", self.member,
-                          victim.key, victim.owner, len(richest), target)
-                self._take_one(victim)
+                self._steal(sorted(richest, key=lambda lease: lease.key)[-1], now)
+
+    def _steal(self, victim: Lease, now: float) -> None:
+        """Asks for the lease first (its owner hands it over cleanly in its next cycle);
+        takes it when the request stays unanswered for the failover time."""
+        asked = self._requested.get(victim.key)
+        if victim.requested_by != self.member or asked is None:
+            if self.table.request(victim, self.member):
+                self._requested[victim.key] = now
+                log_.info("%s asks %s for %s", self.member, victim.owner, victim.key)
+        elif now - asked >= self.failover_s:
+            log_.info("%s steals %s from %s (no answer for %.1fs)", self.member, victim.key,
+                      victim.owner, now - asked)
+            self._take_one(victim)
+
+    def _hand_over(self) -> None:
+        """Held leases another member asked for: revoke (the runtime commits), release."""
+        for key, h in list(self._held.items()):
+            scanned = self._leases.get(key)
+            if scanned is None or not scanned.requested_by or h.lease.finished:
+                continue
+            if scanned.requested_by == self.member or not self._valid(h):
+                continue
+            tps = self._tps_of(key)
+            self._peers[scanned.requested_by] = time.monotonic()
+            log_.info("%s hands %s over to %s", self.member, key, scanned.requested_by)
+            if tps:
+                self.listener.on_revoked(tps)
+            for tp in tps:
+                self._assigned.pop(tp, None)
+                self._cursors.pop(tp, None)
+            with self._lock:
+                self._held.pop(key, None)
+                released = self.table.release(h.lease, self.member)
+            if released is not None:
+                self._leases[key] = released
 
     def _take_one(self, lease: Lease) -> None:
         taken = self.table.take(lease, self.member)

@@ -11,6 +11,10 @@
     startingHashKey, endingHashKey
 our own attributes:
     streamName, shardId
+    leaseRequestedBy              a member that wants the lease (balancing): its owner
+                                  hands it over cleanly (revoke, commit, release) at
+                                  its next cycle; unanswered for the failover time, the
+                                  member takes it as the KCL steals
     partitionCommits              (M) virtual partition -> {"position": S, "metadata": S}:
                                   the runtime's commits of the virtual partitions the shard
                                   carries; positions are decimal strings (any width)
@@ -51,6 +55,7 @@ class Lease:
     end: int = 0
     switches: int = 0
     commits: dict[int, Commit] = field(default_factory=dict)
+    requested_by: str | None = None  # a member asking the owner to hand it over
 
     @property
     def finished(self) -> bool:
@@ -79,7 +84,8 @@ def _from_item(item: dict[str, Any]) -> Lease:
                  checkpoint=s("checkpoint", TRIM_HORIZON), sub=n("checkpointSubSequenceNumber"),
                  parents=tuple(sorted(item.get("parentShardId", {}).get("SS", []))),
                  start=int(s("startingHashKey", "0")), end=int(s("endingHashKey", "0")),
-                 switches=n("ownerSwitchesSinceCheckpoint"), commits=commits)
+                 switches=n("ownerSwitchesSinceCheckpoint"), commits=commits,
+                 requested_by=s("leaseRequestedBy") or None)
 
 
 def _commit_value(commit: Commit) -> dict[str, Any]:
@@ -193,13 +199,29 @@ class LeaseTable:
         return self._update(lease, ["leaseOwner = :owner",
                                     "ownerSwitchesSinceCheckpoint = :switches"],
                             {":owner": {"S": owner},
-                             ":switches": {"N": str(lease.switches + 1)}})
+                             ":switches": {"N": str(lease.switches + 1)}},
+                            removes=("leaseRequestedBy",))
+
+    def request(self, lease: Lease, member: str) -> bool:
+        """Asks the owner to hand the lease over; the counter is left alone (the owner's
+        renewals go on). False if the owner changed meanwhile."""
+        try:
+            self.client.update_item(
+                TableName=self.name, Key={"leaseKey": {"S": lease.key}},
+                UpdateExpression="SET leaseRequestedBy = :me",
+                ConditionExpression="leaseOwner = :owner",
+                ExpressionAttributeValues={":me": {"S": member},
+                                           ":owner": {"S": lease.owner or ""}})
+            return True
+        except self._errors.ConditionalCheckFailedException:
+            return False
 
     def renew(self, lease: Lease, owner: str) -> Lease | None:
         return self._update(lease, [], {}, owned_by=owner)
 
     def release(self, lease: Lease, owner: str) -> Lease | None:
-        return self._update(lease, [], {}, removes=("leaseOwner",), owned_by=owner)
+        return self._update(lease, [], {}, removes=("leaseOwner", "leaseRequestedBy"),
+                            owned_by=owner)
 
     def checkpoint(self, lease: Lease, owner: str, checkpoint: str, sub: int,
                    commits: dict[int, Commit]) -> Lease | None:
