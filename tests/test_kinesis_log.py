@@ -10,8 +10,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import pytest
 
-from tests.aws_server import moto_endpoint, unique_name  # noqa: F401
-from tests.kinesis_server import kinesis_endpoint, kinesis_env  # noqa: F401
+from tests.aws_server import unique_name
 from topics.backends import open_log
 from topics.backends.kinesis.log import KinesisLog
 from topics.backends.kinesis.positions import unpack
@@ -235,7 +234,7 @@ def test_commit_metadata_round_trips_and_reset_group_clears_it(log: KinesisLog) 
     finally:
         consumer.close()
     assert log.active_members("g") == []
-    first = [m for m in got if m.partition == 1][0]
+    first = next(m for m in got if m.partition == 1)
     log.reset_group("g", {tp: first.position})
     again = log.consumer("g", [topic], Recorder(), member="again")
     try:
@@ -284,7 +283,7 @@ def test_a_stalled_worker_loses_its_leases_and_cannot_commit_after_it_wakes(
     wait_until(lambda: len(got) == 10, "messages",
                step=lambda: got.extend(stalled.poll(100, 0.05)))
     tp0 = TopicPartition(topic, 0)
-    first = [m for m in got if m.partition == 0][0]
+    first = next(m for m in got if m.partition == 0)
     stalled.commit({tp0: first.position})
     # Stalled: no renewals and no polls (a GC pause, a stopped process) past the failover.
     stalled.renewing.clear()

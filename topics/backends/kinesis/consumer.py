@@ -300,10 +300,10 @@ class KinesisConsumer:
                 if lease is None or not lease.finished or lease.key in self._held:
                     continue
                 children = [s for s in self._shards[topic] if shard.id in s.parents]
-                if children and all(c.id in by_shard and by_shard[c.id].owner
-                                    for c in children):
-                    if self.table.delete(lease):
-                        self._leases.pop(lease.key, None)
+                done = children and all(c.id in by_shard and by_shard[c.id].owner
+                                        for c in children)
+                if done and self.table.delete(lease):
+                    self._leases.pop(lease.key, None)
 
     # -- assignment -----------------------------------------------------------------------
     def _reassign(self) -> None:

@@ -26,6 +26,7 @@ checkpoint nor commit. Nothing here reads a clock: expiry is judged by the consu
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -113,13 +114,11 @@ class LeaseTable:
         try:
             status = self.client.describe_table(TableName=self.name)["Table"]["TableStatus"]
         except self._errors.ResourceNotFoundException:
-            try:
+            with contextlib.suppress(self._errors.ResourceInUseException):  # raced: fine
                 self.client.create_table(
                     TableName=self.name, BillingMode="PAY_PER_REQUEST",
                     AttributeDefinitions=[{"AttributeName": "leaseKey", "AttributeType": "S"}],
                     KeySchema=[{"AttributeName": "leaseKey", "KeyType": "HASH"}])
-            except self._errors.ResourceInUseException:
-                pass  # another worker created it
             status = "CREATING"
         deadline = time.monotonic() + TABLE_WAIT_S
         while status != "ACTIVE":

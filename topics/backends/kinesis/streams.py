@@ -8,6 +8,7 @@ different split of the hash space.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import Sequence
@@ -83,10 +84,8 @@ class Streams:
                 args["StreamModeDetails"] = {"StreamMode": "ON_DEMAND"}
             else:
                 args["ShardCount"] = self.options.shards or spec.partitions
-            try:
-                self.client.create_stream(**args)
-            except self.client.exceptions.ResourceInUseException:
-                pass  # another process created it meanwhile
+            with contextlib.suppress(self.client.exceptions.ResourceInUseException):
+                self.client.create_stream(**args)  # (raced by another process: fine)
         self._wait_active(name)
         tags = {t["Key"]: t["Value"] for t in
                 self.client.list_tags_for_stream(StreamName=name).get("Tags", [])}

@@ -1,0 +1,133 @@
+"""The Kinesis producer against kinesalite: KPL aggregation within Kinesis's limits, the
+record size limit, and retries of failed entries that keep every virtual partition's order;
+positions as ints (hypothesis)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from tests.aws_server import unique_name
+from topics.backends import open_log
+from topics.backends.kinesis.log import KinesisLog
+from topics.backends.kinesis.positions import SEQUENCE_SPAN, SUB_SPAN, pack, shard_index, unpack
+from topics.backends.kinesis.producer import (
+    CALL_BYTES,
+    CALL_RECORDS,
+    MAX_MESSAGE_BYTES,
+    RECORD_LIMIT,
+)
+from topics.spec import TopicSpec
+
+
+@pytest.fixture
+def log(kinesis_env: dict[str, str]) -> Iterator[KinesisLog]:
+    opened = open_log("kinesis://", kinesis_prefix=unique_name("p") + ".",
+                      kinesis_lease_table=unique_name("leases"), kinesis_shards=3)
+    assert isinstance(opened, KinesisLog)
+    try:
+        yield opened
+    finally:
+        opened.close()
+
+
+class Recording:
+    """The real client, with every PutRecords call measured, and chosen entries failed
+    (not sent, answered with an error code) as Kinesis fails entries of a call."""
+
+    def __init__(self, real: Any, fail_every: int = 0):
+        self.real = real
+        self.fail_every = fail_every
+        self.calls: list[tuple[int, int]] = []  # (records, bytes) per call
+        self.failed = 0
+        self._seen = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.real, name)
+
+    def put_records(self, StreamName: str, Records: list[dict[str, Any]]) -> dict[str, Any]:
+        self.calls.append((len(Records), sum(len(r["Data"]) + len(r["PartitionKey"])
+                                             for r in Records)))
+        fail = []
+        for _ in Records:
+            self._seen += 1
+            fail.append(bool(self.fail_every) and self._seen % self.fail_every == 0)
+        sent = [r for r, f in zip(Records, fail, strict=True) if not f]
+        answered = iter(self.real.put_records(StreamName=StreamName, Records=sent)["Records"]
+                        if sent else [])
+        out = []
+        for i, f in enumerate(fail):
+            if f:
+                self.failed += 1
+                code = ("ProvisionedThroughputExceededException" if i % 2 == 0
+                        else "InternalFailure")
+                out.append({"ErrorCode": code, "ErrorMessage": "injected"})
+            else:
+                out.append(next(answered))
+        return {"FailedRecordCount": sum(fail), "Records": out}
+
+
+def test_aggregates_stay_within_the_limits_and_read_back_in_order(log: KinesisLog) -> None:
+    log.ensure_topics([TopicSpec("t", 6, ("X",))])
+    recording = Recording(log.kinesis)
+    producer = log.producer()
+    producer.client = recording
+    expected: dict[int, list[bytes]] = {p: [] for p in range(6)}
+    for i in range(6000):
+        p = i % 6
+        value = f"{p}-{i}".encode()
+        if i % 1000 == 999:  # a few messages at the limit, each a record of its own
+            value = value.ljust(MAX_MESSAGE_BYTES, b"x")
+        producer.send("t", p, value, b"key")
+        expected[p].append(value)
+    with pytest.raises(ValueError, match="over the"):
+        producer.send("t", 0, b"y" * (MAX_MESSAGE_BYTES + 600))
+    producer.flush()
+    assert all(records <= CALL_RECORDS and size <= CALL_BYTES
+               for records, size in recording.calls)
+    # aggregated: far fewer records than messages
+    assert sum(records for records, _ in recording.calls) < 100
+    for p in range(6):
+        assert [m.value for m in log.read("t", p)] == expected[p]
+
+
+def test_only_failed_entries_are_retried_and_order_is_kept(log: KinesisLog) -> None:
+    log.ensure_topics([TopicSpec("t", 6, ("X",))])
+    recording = Recording(log.kinesis, fail_every=3)
+    producer = log.producer()
+    producer.client = recording
+    for round_ in range(40):  # many small flushes: many calls, a third of entries failed
+        for p in range(6):
+            producer.send("t", p, f"{p}-{round_}".encode())
+        producer.flush()
+    assert recording.failed >= 20 and producer.retried == recording.failed
+    for p in range(6):
+        got = list(log.read("t", p))
+        assert [m.value for m in got] == [f"{p}-{r}".encode() for r in range(40)]
+
+
+def test_max_message_bytes_leaves_room_for_the_envelope_and_the_aggregate() -> None:
+    assert RECORD_LIMIT - 1024 == MAX_MESSAGE_BYTES
+
+
+@given(st.integers(0, 10**6), st.integers(0, SEQUENCE_SPAN - 1), st.integers(0, SUB_SPAN - 1),
+       st.integers(0, 10**6), st.integers(0, SEQUENCE_SPAN - 1), st.integers(0, SUB_SPAN - 1))
+def test_positions_order_as_shard_then_sequence_then_sub(
+        s1: int, q1: int, b1: int, s2: int, q2: int, b2: int) -> None:
+    one, two = pack(s1, q1, b1), pack(s2, q2, b2)
+    got = unpack(one)
+    assert (got.shard, got.sequence, got.sub) == (s1, q1, b1)
+    assert (one < two) == ((s1, q1, b1) < (s2, q2, b2))
+    assert one >= 0
+
+
+def test_shard_ids_are_parsed_and_refused() -> None:
+    assert shard_index("shardId-000000000012") == 12
+    with pytest.raises(ValueError, match="shard id"):
+        shard_index("shard-12")
+    with pytest.raises(ValueError, match="out of range"):
+        pack(0, SEQUENCE_SPAN, 0)
