@@ -79,16 +79,30 @@ class _Held:
 
 
 @dataclass
+class _Feed:
+    """One GetRecords reader of a shard, shared by the partitions reading it from about the
+    same place (a shard carries several virtual partitions: reading it once for all of them,
+    not once per partition)."""
+
+    cursor: ShardCursor
+    members: set[TopicPartition] = field(default_factory=set)
+    started: bool = False
+    next_fetch: float = 0.0
+
+
+@dataclass
 class _Cursor:
     """One virtual partition's reading along its lineage."""
 
     tp: TopicPartition
     hash_key: int
     after: int | None
-    shard: ShardCursor | None = None
+    shard: Shard | None = None  # the shard it reads (through `feed`), or has read to its end
+    feed: _Feed | None = None
+    ended: bool = False  # `shard` was read to its end
     parked: bool = False  # at the end of the leased shard
     buffer: deque[Message] = field(default_factory=deque)
-    next_fetch: float = 0.0
+    next_try: float = 0.0
 
 
 class KinesisConsumer:
@@ -111,6 +125,7 @@ class KinesisConsumer:
         self._shards: dict[str, list[Shard]] = {}
         self._assigned: dict[TopicPartition, str] = {}  # tp -> key of the lease carrying it
         self._cursors: dict[TopicPartition, _Cursor] = {}
+        self._feeds: dict[tuple[str, str], list[_Feed]] = {}  # (topic, shard id) -> readers
         self._lock = threading.RLock()  # held leases: renewals vs commits
         self._next_cycle = 0.0
         self._requested: dict[str, float] = {}  # lease key -> when we asked for it
@@ -167,7 +182,7 @@ class KinesisConsumer:
             tps.extend(self._tps_of(key))
         for tp in tps:
             self._assigned.pop(tp, None)
-            self._cursors.pop(tp, None)
+            self._drop_cursor(tp)
         if tps:
             log_.warning("%s lost %s (lease taken or expired)", self.member,
                          ", ".join(map(str, tps)))
@@ -274,7 +289,7 @@ class KinesisConsumer:
                 self.listener.on_revoked(tps)
             for tp in tps:
                 self._assigned.pop(tp, None)
-                self._cursors.pop(tp, None)
+                self._drop_cursor(tp)
             with self._lock:
                 self._held.pop(key, None)
                 released = self.table.release(h.lease, self.member)
@@ -329,7 +344,7 @@ class KinesisConsumer:
             self.listener.on_revoked(gone)
             for tp in gone:
                 self._assigned.pop(tp, None)
-                self._cursors.pop(tp, None)
+                self._drop_cursor(tp)
         new = sorted(tp for tp in wanted if tp not in self._assigned)
         for tp, key in wanted.items():
             moved = self._assigned.get(tp)
@@ -390,7 +405,7 @@ class KinesisConsumer:
             self.listener.on_revoked([tp for tp, _ in handed])  # the runtime commits here
             for tp, child in handed:
                 self._assigned.pop(tp, None)
-                self._cursors.pop(tp, None)
+                self._drop_cursor(tp)
                 commit = h.lease.commits.get(tp.partition)
                 if child is not None and commit is not None:
                     self.table.put_commits(child.key, {tp.partition: commit})
@@ -413,6 +428,21 @@ class KinesisConsumer:
             self._leases[done.key] = released
 
     # -- reading --------------------------------------------------------------------------
+    def _drop_cursor(self, tp: TopicPartition) -> None:
+        cursor = self._cursors.pop(tp, None)
+        if cursor is not None:
+            self._leave(cursor)
+
+    def _leave(self, cursor: _Cursor) -> None:
+        feed, cursor.feed = cursor.feed, None
+        if feed is not None:
+            feed.members.discard(cursor.tp)
+            if not feed.members:
+                key = (cursor.tp.topic, feed.cursor.shard.id)
+                feeds = self._feeds.get(key, [])
+                if feed in feeds:
+                    feeds.remove(feed)
+
     def _advance(self, cursor: _Cursor) -> bool:
         """Moves the cursor to the next shard of its lineage it may read; False if none."""
         key = self._assigned.get(cursor.tp)
@@ -421,7 +451,7 @@ class KinesisConsumer:
             return False  # a child whose other parent is not finished yet waits
         limit = shard_index(h.lease.shard_id)
         lineage = chain(self._shards.get(cursor.tp.topic, []), cursor.hash_key)
-        current = cursor.shard.shard.index if cursor.shard is not None else None
+        current = cursor.shard.index if cursor.shard is not None else None
         if current is None and cursor.after is not None:
             start = unpack(cursor.after).shard
             candidates = [s for s in lineage if s.index >= start]
@@ -430,32 +460,63 @@ class KinesisConsumer:
         candidates = [s for s in candidates if s.index <= limit]
         if not candidates:
             return False
-        shard = candidates[0]
-        cursor.shard = ShardCursor(self.kinesis, h.lease.stream, cursor.tp.topic, shard,
-                                   cursor.after)
+        cursor.shard, cursor.ended = candidates[0], False
+        self._join(cursor, h.lease.stream)
         return True
 
-    def _fill(self, cursor: _Cursor, now: float) -> None:
-        if cursor.parked or now < cursor.next_fetch:
-            return
-        if cursor.shard is None or cursor.shard.ended:
-            if cursor.shard is not None and cursor.shard.ended:
-                key = self._assigned.get(cursor.tp, "")
-                h = self._held.get(key)
-                if h is not None and cursor.shard.shard.id == h.lease.shard_id:
-                    cursor.parked = True
-                    return
-            if not self._advance(cursor):
-                cursor.next_fetch = now + IDLE_FETCH_S
-                return
+    def _join(self, cursor: _Cursor, stream: str) -> None:
+        """Reads `cursor.shard` through a feed of it that has not passed the cursor's
+        position yet, or a new one."""
         assert cursor.shard is not None
-        batch = cursor.shard.fetch()
-        got = [m for m in batch.messages if m.partition == cursor.tp.partition]
-        cursor.buffer.extend(got)
-        if got:
-            cursor.after = got[-1].position
-        if not batch.messages and not batch.ended:
-            cursor.next_fetch = now + IDLE_FETCH_S
+        shard = cursor.shard
+        start = cursor.after if cursor.after is not None and \
+            unpack(cursor.after).shard == shard.index else None  # None: the shard's start
+        feeds = self._feeds.setdefault((cursor.tp.topic, shard.id), [])
+        for feed in feeds:
+            at = feed.cursor.after
+            if not feed.started:
+                if start is None or (at is not None and start < at):
+                    feed.cursor.after = start  # not read yet: start it lower
+                break
+            if at is not None and start is not None and at <= start:
+                break
+        else:
+            feed = _Feed(ShardCursor(self.kinesis, stream, cursor.tp.topic, shard, start))
+            feeds.append(feed)
+        feed.members.add(cursor.tp)
+        cursor.feed = feed
+
+    def _step(self, cursor: _Cursor, now: float) -> None:
+        """A cursor that read its shard to the end parks there or goes on."""
+        if cursor.parked or cursor.feed is not None or now < cursor.next_try:
+            return
+        if cursor.ended and cursor.shard is not None:
+            h = self._held.get(self._assigned.get(cursor.tp, ""))
+            if h is not None and cursor.shard.id == h.lease.shard_id:
+                cursor.parked = True
+                return
+        if not self._advance(cursor):
+            cursor.next_try = now + IDLE_FETCH_S
+
+    def _fetch(self, feed: _Feed, now: float) -> None:
+        if now < feed.next_fetch or not feed.members:
+            return
+        feed.started = True
+        batch = feed.cursor.fetch()
+        for msg in batch.messages:
+            tp = TopicPartition(msg.topic, msg.partition)
+            cursor = self._cursors.get(tp) if tp in feed.members else None
+            if cursor is not None and (cursor.after is None or msg.position > cursor.after):
+                cursor.buffer.append(msg)
+                cursor.after = msg.position
+        if batch.ended:
+            for tp in list(feed.members):
+                cursor = self._cursors.get(tp)
+                if cursor is not None:
+                    self._leave(cursor)
+                    cursor.ended = True
+        elif not batch.messages:
+            feed.next_fetch = now + IDLE_FETCH_S
 
     def poll(self, max_messages: int, timeout_s: float) -> list[Message]:
         deadline = time.monotonic() + timeout_s
@@ -469,7 +530,10 @@ class KinesisConsumer:
                 return out
             now = time.monotonic()
             for cursor in list(self._cursors.values()):
-                self._fill(cursor, now)
+                self._step(cursor, now)
+            for feeds in list(self._feeds.values()):
+                for feed in list(feeds):
+                    self._fetch(feed, now)
             out = self._take_messages(max_messages)
             if out or time.monotonic() >= deadline:
                 return out
@@ -495,9 +559,10 @@ class KinesisConsumer:
         cursor = self._cursors.get(tp)
         if cursor is None:
             return
-        cursor.after, cursor.shard, cursor.parked = position, None, False
+        self._leave(cursor)
+        cursor.after, cursor.shard, cursor.ended, cursor.parked = position, None, False, False
         cursor.buffer.clear()
-        cursor.next_fetch = 0.0
+        cursor.next_try = 0.0
 
     def commit(self, positions: dict[TopicPartition, int],
                metadata: dict[TopicPartition, str] | None = None) -> None:
@@ -586,4 +651,5 @@ class KinesisConsumer:
                         log_.warning("releasing %s failed: %s", h.lease.key, exc)
             self._assigned.clear()
             self._cursors.clear()
+            self._feeds.clear()
 
