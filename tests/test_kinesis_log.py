@@ -397,7 +397,10 @@ def test_split_and_merge_while_records_flow_lose_and_duplicate_nothing(
         seen = [msg for m in group for msg in m.seen()]
         assert len(seen) == total  # nothing duplicated
         for p in range(partitions):
-            mine = [m for m in seen if m.partition == p]
+            for m in group:  # each member's messages in order
+                own = [msg.position for msg in m.seen() if msg.partition == p]
+                assert own == sorted(own)
+            mine = sorted((m for m in seen if m.partition == p), key=lambda m: m.position)
             assert [m.value for m in mine] == [f"v{p}-{i}".encode() for i in range(sent[p])]
             # order kept across shards: parents' messages before their children's
             shards = [unpack(m.position).shard for m in mine]

@@ -130,6 +130,7 @@ class KinesisConsumer:
         self._next_cycle = 0.0
         self._requested: dict[str, float] = {}  # lease key -> when we asked for it
         self._peers: dict[str, float] = {}  # member that asked us for a lease -> when
+        self._handed: dict[str, float] = {}  # lease key -> when we handed it over
         self._rr = 0
         self._closed = False
         self._stop = threading.Event()
@@ -246,8 +247,10 @@ class KinesisConsumer:
         live.add(self.member)
         target = math.ceil(len(todo) / len(live)) if todo else 0
         mine = [lease for lease in todo if lease.key in self._held]
+        # (not one we just handed over: it is for the member that asked)
         free = sorted((lease for lease in todo
-                       if lease.key not in self._held and self._expired(lease, now)),
+                       if lease.key not in self._held and self._expired(lease, now)
+                       and now - self._handed.get(lease.key, -math.inf) >= self.failover_s),
                       key=lambda lease: (lease.owner is not None, lease.key))
         wanted = max(0, target - len(mine))
         for lease in free[:wanted]:
@@ -283,7 +286,7 @@ class KinesisConsumer:
             if scanned.requested_by == self.member or not self._valid(h):
                 continue
             tps = self._tps_of(key)
-            self._peers[scanned.requested_by] = time.monotonic()
+            self._peers[scanned.requested_by] = self._handed[key] = time.monotonic()
             log_.info("%s hands %s over to %s", self.member, key, scanned.requested_by)
             if tps:
                 self.listener.on_revoked(tps)
@@ -341,6 +344,8 @@ class KinesisConsumer:
                 wanted[tp] = key
         gone = sorted(tp for tp in self._assigned if tp not in wanted)
         if gone:
+            log_.info("%s revokes %s (their leases are gone)", self.member,
+                      ", ".join(map(str, gone)))
             self.listener.on_revoked(gone)
             for tp in gone:
                 self._assigned.pop(tp, None)
@@ -371,9 +376,17 @@ class KinesisConsumer:
         """Held shards whose partitions are all parked at their end: hand them on."""
         for key, h in list(self._held.items()):
             tps = self._tps_of(key)
-            if h.lease.finished or not tps or not self._valid(h):
+            if h.lease.finished or not self._valid(h):
                 continue
-            if not all(self._cursors[tp].parked for tp in tps if tp in self._cursors):
+            if not tps:
+                # A shard carrying no virtual partition (a split left no partition's hash
+                # key in it) holds no message of ours: finished once it is closed, or a
+                # merged child of it would wait for it for ever.
+                shard = self._shard(h.topic, h.lease.shard_id)
+                if shard is None or not shard.closed or not processable(
+                        h.lease, stream_leases(self._leases, h.lease.stream)):
+                    continue
+            elif not all(self._cursors[tp].parked for tp in tps if tp in self._cursors):
                 continue
             self._finish(h, tps)
 
@@ -402,6 +415,8 @@ class KinesisConsumer:
             else:
                 handed.append((tp, child))
         if handed:
+            log_.info("%s: %s finished; %s go on elsewhere", self.member, h.lease.key,
+                      ", ".join(str(tp) for tp, _ in handed))
             self.listener.on_revoked([tp for tp, _ in handed])  # the runtime commits here
             for tp, child in handed:
                 self._assigned.pop(tp, None)

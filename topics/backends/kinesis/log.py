@@ -123,7 +123,7 @@ class KinesisLog:
         shard = next((s for s in lineage if s.index == at.shard), None)
         if shard is not None:
             cursor = ShardCursor(self.kinesis, self.streams.name(topic), topic, shard)
-            cursor.after = position - 1 if position > 0 else None
+            cursor.start_at(position)
             for _ in range(3):  # the record is in the first answers from its sequence number
                 for msg in cursor.fetch().messages:
                     if msg.position == position and msg.partition == partition:

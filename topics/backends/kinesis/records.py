@@ -67,6 +67,13 @@ class ShardCursor:
             args["StartingSequenceNumber"] = str(unpack(position).sequence)
         return str(self.client.get_shard_iterator(**args)["ShardIterator"])
 
+    def start_at(self, position: int) -> None:
+        """Reads from the record of `position` (its sub-records too), not after it."""
+        self.after = None
+        self._iterator = str(self.client.get_shard_iterator(
+            StreamName=self.stream, ShardId=self.shard.id, ShardIteratorType="AT_SEQUENCE_NUMBER",
+            StartingSequenceNumber=str(unpack(position).sequence))["ShardIterator"])
+
     def fetch(self) -> Batch:
         """One GetRecords call (none once the shard has ended)."""
         if self.ended:
