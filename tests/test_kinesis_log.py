@@ -4,9 +4,14 @@ reads, positions, leases (take, renew, expire, release, balance), commits and re
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 
 import pytest
 
@@ -417,3 +422,75 @@ def test_split_and_merge_while_records_flow_lose_and_duplicate_nothing(
     for p in range(partitions):
         assert [m.value for m in log.read(topic, p)] == [f"v{p}-{i}".encode()
                                                           for i in range(sent[p])]
+
+
+CHILD = """
+import sys
+from topics.backends import open_log
+prefix, table, failover, topic = sys.argv[1:5]
+log = open_log("kinesis://", kinesis_prefix=prefix, kinesis_lease_table=table,
+               kinesis_failover_ms=int(failover))
+
+class Listener:
+    def on_assigned(self, tps):
+        print("assigned", len(tps), flush=True)
+    def on_revoked(self, tps):
+        print("revoked", len(tps), flush=True)
+    def on_lost(self, tps):
+        print("lost", len(tps), flush=True)
+
+consumer = log.consumer("g", [topic], Listener(), member="child")
+while True:
+    for msg in consumer.poll(100, 0.05):
+        consumer.commit({msg.tp: msg.position}, {msg.tp: "child"})
+        print("committed", msg.value.decode(), flush=True)
+"""
+
+
+def test_a_process_stopped_past_the_failover_time_is_fenced_when_it_resumes(
+        log: KinesisLog, kinesis_env: dict[str, str], tmp_path: Path) -> None:
+    topic = new_topic(log, partitions=2, shards=2)
+    produce(log, topic, {0: 3, 1: 3})
+    out = (tmp_path / "child.out").open("w+")
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, log.options.prefix, log.options.lease_table,
+         str(FAILOVER_MS), topic], stdout=out, stderr=subprocess.STDOUT,
+        env={**os.environ, **kinesis_env, "PYTHONPATH": str(Path(__file__).parents[1])})
+    parent: Member | None = None
+    try:
+        def lines() -> list[str]:
+            return [line for line in (tmp_path / "child.out").read_text().splitlines()
+                    if line.split(" ")[0] in ("assigned", "revoked", "lost", "committed")]
+
+        wait_until(lambda: sum(line.startswith("committed") for line in lines()) == 6,
+                   "the child commits everything")
+        child.send_signal(signal.SIGSTOP)  # a pause of the whole process: no renewals either
+        parent = Member(log, "g", topic, "parent")
+        parent.commit = False
+        took = wait_until(lambda: parent.owned() == {0, 1}, "the parent takes over")
+        assert took >= FAILOVER_MS / 1000 * 0.9
+        produce(log, topic, {0: 2, 1: 2}, tag="w")  # for the child to see when it wakes
+        paused_at = len(lines())
+        child.send_signal(signal.SIGCONT)
+        wait_until(lambda: len(lines()) > paused_at, "the child to say something")
+        # Inside its first poll after waking, before it processes anything more.
+        assert lines()[paused_at].startswith("lost"), lines()[paused_at:]
+        child.kill()
+        child.wait(timeout=10)
+        new = {b"w0-0", b"w0-1", b"w1-0", b"w1-1"}
+        # (the parent does not commit: a lease it hands to the woken child and gets back
+        # after the kill is read again from the child's last commit)
+        wait_until(lambda: parent.owned() == {0, 1}
+                   and {m.value for m in parent.seen()} == new,
+                   "the parent owns everything and has the new messages")
+        last = {tp: max(m.position for m in parent.seen() if m.tp == tp)
+                for tp in (TopicPartition(topic, 0), TopicPartition(topic, 1))}
+        parent.consumer.commit(last, dict.fromkeys(last, "parent"))
+        assert all(parent.consumer.committed(tp) == last[tp] for tp in last)
+        assert all(parent.consumer.committed_metadata(tp) == "parent" for tp in last)
+    finally:
+        child.kill()
+        child.wait(timeout=10)
+        out.close()
+        if parent is not None:
+            parent.close()
