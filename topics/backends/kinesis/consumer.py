@@ -17,11 +17,8 @@ before it notices. `close` revokes, checkpoints and releases (leaseOwner removed
 another member takes the leases at once instead of after the failover time.
 
 Virtual partitions. The runtime's partitions are the topic's virtual partitions: a member is
-assigned those whose hash key lies in a processable shard it holds. Each assigned partition
-has a cursor reading its lineage (the shards that held its hash key, oldest first) from
-after its committed (or sought) position, up to and including the leased shard, so a
-partition whose commit lies in an ancestor shard (a handover after a split) catches up
-there first. A cursor parks at the end of the leased shard. When every partition of a held
+assigned those whose hash key lies in a processable shard it holds, and reads each along its
+lineage (readers.py), parking at the end of the leased shard. When every partition of a held
 shard is parked, the shard is finished: the member makes the child leases that do not exist
 yet, owned by itself; partitions whose child it holds continue there without a callback;
 the others are revoked (the runtime commits), their commits copied into the child lease
@@ -39,9 +36,8 @@ import socket
 import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from topics.backends.kinesis.envelope import hash_key_of
@@ -54,7 +50,7 @@ from topics.backends.kinesis.leases import (
     with_commits,
 )
 from topics.backends.kinesis.positions import shard_index, unpack
-from topics.backends.kinesis.records import ShardCursor
+from topics.backends.kinesis.readers import Bound, Readers
 from topics.backends.kinesis.shard_sync import (
     commit_of,
     new_lease,
@@ -62,12 +58,11 @@ from topics.backends.kinesis.shard_sync import (
     stream_leases,
     sync,
 )
-from topics.backends.kinesis.streams import Shard, Streams, chain, virtual_partitions
+from topics.backends.kinesis.streams import Shard, Streams, virtual_partitions
 from topics.log import Message, RebalanceListener, TopicPartition
 
 log_ = logging.getLogger(__name__)
 
-IDLE_FETCH_S = 0.2  # a cursor at the tip asks again after this long
 
 
 @dataclass
@@ -76,33 +71,6 @@ class _Held:
     topic: str
     renewed_at: float  # monotonic time the last successful renewal was sent
     lost: bool = False
-
-
-@dataclass
-class _Feed:
-    """One GetRecords reader of a shard, shared by the partitions reading it from about the
-    same place (a shard carries several virtual partitions: reading it once for all of them,
-    not once per partition)."""
-
-    cursor: ShardCursor
-    members: set[TopicPartition] = field(default_factory=set)
-    started: bool = False
-    next_fetch: float = 0.0
-
-
-@dataclass
-class _Cursor:
-    """One virtual partition's reading along its lineage."""
-
-    tp: TopicPartition
-    hash_key: int
-    after: int | None
-    shard: Shard | None = None  # the shard it reads (through `feed`), or has read to its end
-    feed: _Feed | None = None
-    ended: bool = False  # `shard` was read to its end
-    parked: bool = False  # at the end of the leased shard
-    buffer: deque[Message] = field(default_factory=deque)
-    next_try: float = 0.0
 
 
 class KinesisConsumer:
@@ -124,14 +92,12 @@ class KinesisConsumer:
         self._leases: dict[str, Lease] = {}  # the last scan
         self._shards: dict[str, list[Shard]] = {}
         self._assigned: dict[TopicPartition, str] = {}  # tp -> key of the lease carrying it
-        self._cursors: dict[TopicPartition, _Cursor] = {}
-        self._feeds: dict[tuple[str, str], list[_Feed]] = {}  # (topic, shard id) -> readers
+        self._readers = Readers(kinesis, lambda topic: self._shards.get(topic, []), self._bound)
         self._lock = threading.RLock()  # held leases: renewals vs commits
         self._next_cycle = 0.0
         self._requested: dict[str, float] = {}  # lease key -> when we asked for it
         self._peers: dict[str, float] = {}  # member that asked us for a lease -> when
         self._handed: dict[str, float] = {}  # lease key -> when we handed it over
-        self._rr = 0
         self._closed = False
         self._stop = threading.Event()
         self.renewing = threading.Event()  # cleared: renewals pause (tests: a stalled worker)
@@ -183,7 +149,7 @@ class KinesisConsumer:
             tps.extend(self._tps_of(key))
         for tp in tps:
             self._assigned.pop(tp, None)
-            self._drop_cursor(tp)
+            self._readers.drop(tp)
         if tps:
             log_.warning("%s lost %s (lease taken or expired)", self.member,
                          ", ".join(map(str, tps)))
@@ -292,7 +258,7 @@ class KinesisConsumer:
                 self.listener.on_revoked(tps)
             for tp in tps:
                 self._assigned.pop(tp, None)
-                self._drop_cursor(tp)
+                self._readers.drop(tp)
             with self._lock:
                 self._held.pop(key, None)
                 released = self.table.release(h.lease, self.member)
@@ -349,19 +315,17 @@ class KinesisConsumer:
             self.listener.on_revoked(gone)
             for tp in gone:
                 self._assigned.pop(tp, None)
-                self._drop_cursor(tp)
+                self._readers.drop(tp)
         new = sorted(tp for tp in wanted if tp not in self._assigned)
         for tp, key in wanted.items():
             moved = self._assigned.get(tp)
             self._assigned[tp] = key
             if moved is not None and moved != key:
-                cursor = self._cursors.get(tp)
-                if cursor is not None:
-                    cursor.parked = False  # on into the child
+                self._readers.unpark(tp)  # on into the child
         for tp in new:
             commit = self._commit_of(tp)
-            self._cursors[tp] = _Cursor(tp, hash_key_of(tp.partition, self.partitions[tp.topic]),
-                                        None if commit is None else commit.position)
+            self._readers.add(tp, hash_key_of(tp.partition, self.partitions[tp.topic]),
+                              None if commit is None else commit.position)
         if new:
             log_.info("%s assigned %s", self.member, ", ".join(map(str, new)))
             self.listener.on_assigned(new)
@@ -386,7 +350,7 @@ class KinesisConsumer:
                 if shard is None or not shard.closed or not processable(
                         h.lease, stream_leases(self._leases, h.lease.stream)):
                     continue
-            elif not all(self._cursors[tp].parked for tp in tps if tp in self._cursors):
+            elif not all(self._readers.parked(tp) for tp in tps):
                 continue
             self._finish(h, tps)
 
@@ -408,7 +372,7 @@ class KinesisConsumer:
             self._leases[lease.key] = children[child.id] = lease
         continuing, handed = [], []
         for tp in tps:
-            hk = self._cursors[tp].hash_key
+            hk = hash_key_of(tp.partition, self.partitions[topic])
             child = next((c for c in children.values() if c.start <= hk <= c.end), None)
             if child is not None and child.key in self._held:
                 continuing.append((tp, child.key))
@@ -420,7 +384,7 @@ class KinesisConsumer:
             self.listener.on_revoked([tp for tp, _ in handed])  # the runtime commits here
             for tp, child in handed:
                 self._assigned.pop(tp, None)
-                self._drop_cursor(tp)
+                self._readers.drop(tp)
                 commit = h.lease.commits.get(tp.partition)
                 if child is not None and commit is not None:
                     self.table.put_commits(child.key, {tp.partition: commit})
@@ -437,101 +401,10 @@ class KinesisConsumer:
         log_.info("%s: %s checkpointed at SHARD_END", self.member, done.key)
         for tp, child_key in continuing:
             self._assigned[tp] = child_key
-            self._cursors[tp].parked = False
+            self._readers.unpark(tp)
         released = self.table.release(done, self.member)
         if released is not None:
             self._leases[done.key] = released
-
-    # -- reading --------------------------------------------------------------------------
-    def _drop_cursor(self, tp: TopicPartition) -> None:
-        cursor = self._cursors.pop(tp, None)
-        if cursor is not None:
-            self._leave(cursor)
-
-    def _leave(self, cursor: _Cursor) -> None:
-        feed, cursor.feed = cursor.feed, None
-        if feed is not None:
-            feed.members.discard(cursor.tp)
-            if not feed.members:
-                key = (cursor.tp.topic, feed.cursor.shard.id)
-                feeds = self._feeds.get(key, [])
-                if feed in feeds:
-                    feeds.remove(feed)
-
-    def _advance(self, cursor: _Cursor) -> bool:
-        """Moves the cursor to the next shard of its lineage it may read; False if none."""
-        key = self._assigned.get(cursor.tp)
-        h = self._held.get(key or "")
-        if h is None or not processable(h.lease, stream_leases(self._leases, h.lease.stream)):
-            return False  # a child whose other parent is not finished yet waits
-        limit = shard_index(h.lease.shard_id)
-        lineage = chain(self._shards.get(cursor.tp.topic, []), cursor.hash_key)
-        current = cursor.shard.index if cursor.shard is not None else None
-        if current is None and cursor.after is not None:
-            start = unpack(cursor.after).shard
-            candidates = [s for s in lineage if s.index >= start]
-        else:
-            candidates = [s for s in lineage if current is None or s.index > current]
-        candidates = [s for s in candidates if s.index <= limit]
-        if not candidates:
-            return False
-        cursor.shard, cursor.ended = candidates[0], False
-        self._join(cursor, h.lease.stream)
-        return True
-
-    def _join(self, cursor: _Cursor, stream: str) -> None:
-        """Reads `cursor.shard` through a feed of it that has not passed the cursor's
-        position yet, or a new one."""
-        assert cursor.shard is not None
-        shard = cursor.shard
-        start = cursor.after if cursor.after is not None and \
-            unpack(cursor.after).shard == shard.index else None  # None: the shard's start
-        feeds = self._feeds.setdefault((cursor.tp.topic, shard.id), [])
-        for feed in feeds:
-            at = feed.cursor.after
-            if not feed.started:
-                if start is None or (at is not None and start < at):
-                    feed.cursor.after = start  # not read yet: start it lower
-                break
-            if at is not None and start is not None and at <= start:
-                break
-        else:
-            feed = _Feed(ShardCursor(self.kinesis, stream, cursor.tp.topic, shard, start))
-            feeds.append(feed)
-        feed.members.add(cursor.tp)
-        cursor.feed = feed
-
-    def _step(self, cursor: _Cursor, now: float) -> None:
-        """A cursor that read its shard to the end parks there or goes on."""
-        if cursor.parked or cursor.feed is not None or now < cursor.next_try:
-            return
-        if cursor.ended and cursor.shard is not None:
-            h = self._held.get(self._assigned.get(cursor.tp, ""))
-            if h is not None and cursor.shard.id == h.lease.shard_id:
-                cursor.parked = True
-                return
-        if not self._advance(cursor):
-            cursor.next_try = now + IDLE_FETCH_S
-
-    def _fetch(self, feed: _Feed, now: float) -> None:
-        if now < feed.next_fetch or not feed.members:
-            return
-        feed.started = True
-        batch = feed.cursor.fetch()
-        for msg in batch.messages:
-            tp = TopicPartition(msg.topic, msg.partition)
-            cursor = self._cursors.get(tp) if tp in feed.members else None
-            if cursor is not None and (cursor.after is None or msg.position > cursor.after):
-                cursor.buffer.append(msg)
-                cursor.after = msg.position
-        if batch.ended:
-            for tp in list(feed.members):
-                cursor = self._cursors.get(tp)
-                if cursor is not None:
-                    self._leave(cursor)
-                    cursor.ended = True
-        elif not batch.messages:
-            feed.next_fetch = now + IDLE_FETCH_S
 
     def poll(self, max_messages: int, timeout_s: float) -> list[Message]:
         deadline = time.monotonic() + timeout_s
@@ -540,44 +413,28 @@ class KinesisConsumer:
                 self._cycle()
             else:
                 self._check_lost()
-            out = self._take_messages(max_messages)
+            out = self._readers.take(max_messages)
             if out:
                 return out
-            now = time.monotonic()
-            for cursor in list(self._cursors.values()):
-                self._step(cursor, now)
-            for feeds in list(self._feeds.values()):
-                for feed in list(feeds):
-                    self._fetch(feed, now)
-            out = self._take_messages(max_messages)
+            self._readers.fill(time.monotonic())
+            out = self._readers.take(max_messages)
             if out or time.monotonic() >= deadline:
                 return out
             time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
 
-    def _take_messages(self, max_messages: int) -> list[Message]:
-        out: list[Message] = []
-        cursors = sorted(self._cursors.values(), key=lambda c: c.tp)
-        for i in range(len(cursors)):
-            cursor = cursors[(self._rr + i) % len(cursors)]
-            while cursor.buffer and len(out) < max_messages:
-                out.append(cursor.buffer.popleft())
-            if len(out) >= max_messages:
-                break
-        self._rr += 1
-        return out
+    def _bound(self, tp: TopicPartition) -> Bound | None:
+        h = self._held.get(self._assigned.get(tp, ""))
+        if h is None:
+            return None
+        return Bound(h.lease.stream, h.lease.shard_id,
+                     processable(h.lease, stream_leases(self._leases, h.lease.stream)))
 
     # -- Consumer -------------------------------------------------------------------------
     def assignment(self) -> set[TopicPartition]:
         return set(self._assigned)
 
     def seek_after(self, tp: TopicPartition, position: int | None) -> None:
-        cursor = self._cursors.get(tp)
-        if cursor is None:
-            return
-        self._leave(cursor)
-        cursor.after, cursor.shard, cursor.ended, cursor.parked = position, None, False, False
-        cursor.buffer.clear()
-        cursor.next_try = 0.0
+        self._readers.seek(tp, position)
 
     def commit(self, positions: dict[TopicPartition, int],
                metadata: dict[TopicPartition, str] | None = None) -> None:
@@ -665,6 +522,5 @@ class KinesisConsumer:
                     except Exception as exc:  # it expires after the failover time instead
                         log_.warning("releasing %s failed: %s", h.lease.key, exc)
             self._assigned.clear()
-            self._cursors.clear()
-            self._feeds.clear()
+            self._readers.clear()
 
