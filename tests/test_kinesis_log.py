@@ -414,6 +414,13 @@ def test_split_and_merge_while_records_flow_lose_and_duplicate_nothing(
         wait_until(lambda: all(lease.checkpoint != "SHARD_END" or lease.owner is None
                                for lease in log.table("g").scan().values()), "parents done")
         assert {p for m in group for p in m.owned()} == set(range(partitions))
+        # Commits followed the partitions into the child leases: each partition's commit is
+        # its last message, wherever it is now, and nothing is left to read after it.
+        last = {p: max(m.position for m in seen if m.partition == p) for p in range(partitions)}
+        wait_until(lambda: {gp.tp.partition: gp.committed for gp in log.group_positions("g")}
+                   == last, "every last message committed")
+        assert all(gp.lag == 0 for gp in log.group_positions("g"))
+        assert any(unpack(position).shard >= 3 for position in last.values())  # in children
     finally:
         flow.stop()
         for m in group:
