@@ -598,6 +598,7 @@ def topics(ctx: click.Context) -> None:
     """List topics, partitions, positions, and consumer groups with their lag."""
     pipe = _pipeline(ctx)
     try:
+        from streams.shard_view import echo_shards
         from topics.spec import SPECS
 
         click.echo(f"{'TOPIC':30} {'PART':>4} {'MESSAGES':>9} {'FIRST':>12} {'LAST':>12}")
@@ -611,6 +612,7 @@ def topics(ctx: click.Context) -> None:
             for gp in pipe.log.group_positions(group):
                 click.echo(f"{group:24} {gp.tp.topic:30} {gp.tp.partition:>4} "
                            f"{_pos(gp.committed):>12} {gp.lag:>6} {gp.owner or '-'}")
+        echo_shards(pipe.log, SPECS)  # Kinesis: shards, lineage, leases
     finally:
         pipe.close()
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from streams.shard_view import echo_shards
 from tests.aws_server import unique_name
 from topics.backends import open_log
 from topics.backends.kinesis.log import KinesisLog
@@ -378,7 +379,7 @@ def _wait_active(log: KinesisLog, stream: str) -> None:
 
 @pytest.mark.parametrize("members", [1, 2])
 def test_split_and_merge_while_records_flow_lose_and_duplicate_nothing(
-        log: KinesisLog, members: int) -> None:
+        log: KinesisLog, members: int, capsys: pytest.CaptureFixture[str]) -> None:
     partitions = 8
     topic = new_topic(log, partitions=partitions, shards=3)
     stream = log.streams.name(topic)
@@ -425,6 +426,13 @@ def test_split_and_merge_while_records_flow_lose_and_duplicate_nothing(
         flow.stop()
         for m in group:
             m.close()
+    view = {row["shard"]: row for row in log.shard_view(topic, "g")}
+    assert view["shardId-000000000005"]["parents"] == ["shardId-000000000001",
+                                                      "shardId-000000000002"]
+    assert view["shardId-000000000000"]["closed"] and not view["shardId-000000000003"]["closed"]
+    echo_shards(log, [topic])
+    printed = capsys.readouterr().out
+    assert "shardId-000000000001,shardId-000000000002" in printed and "CHECKPOINT" in printed
     # the whole lineage is readable per virtual partition, in order, from any position
     for p in range(partitions):
         assert [m.value for m in log.read(topic, p)] == [f"v{p}-{i}".encode()
