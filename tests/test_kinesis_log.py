@@ -24,7 +24,7 @@ from topics.log import GroupBusyError, Message, TopicError, TopicPartition
 from topics.spec import TopicSpec
 
 WAIT_S = 30.0
-FAILOVER_MS = 1500
+FAILOVER_MS = 3000  # short for tests, long enough for a loaded 2-core machine
 
 
 def wait_until(cond: Callable[[], bool], what: str, timeout: float = WAIT_S,

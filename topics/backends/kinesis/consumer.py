@@ -382,12 +382,21 @@ class KinesisConsumer:
             log_.info("%s: %s finished; %s go on elsewhere", self.member, h.lease.key,
                       ", ".join(str(tp) for tp, _ in handed))
             self.listener.on_revoked([tp for tp, _ in handed])  # the runtime commits here
+            into: dict[str, dict[int, Commit]] = {}
             for tp, child in handed:
                 self._assigned.pop(tp, None)
                 self._readers.drop(tp)
                 commit = h.lease.commits.get(tp.partition)
                 if child is not None and commit is not None:
-                    self.table.put_commits(child.key, {tp.partition: commit})
+                    into.setdefault(child.key, {})[tp.partition] = commit
+            with self._lock:
+                for child_key, commits in into.items():
+                    if not self.table.hand_over(h.lease, self.member, child_key, commits):
+                        h.lost = True  # the parent was taken: its new owner hands over
+                        break
+            if h.lost:
+                self._lose([h.lease.key])
+                return
         with self._lock:
             done = self.table.checkpoint(h.lease, self.member, SHARD_END, 0, {})
             if done is None:

@@ -254,6 +254,33 @@ class LeaseTable:
         except self._errors.ConditionalCheckFailedException:
             return False
 
+    def hand_over(self, parent: Lease, owner: str, child_key: str,
+                  commits: dict[int, Commit]) -> bool:
+        """Copies a finished parent's commits into its child, in one transaction with a
+        check that we still hold the parent (counter and owner): a worker that lost the
+        parent meanwhile cannot overwrite what the parent's new owner handed over."""
+        if not commits:
+            return True
+        names = {f"#v{i}": str(v) for i, v in enumerate(sorted(commits))}
+        values = {f":c{i}": _commit_value(commits[v]) for i, v in enumerate(sorted(commits))}
+        try:
+            self.client.transact_write_items(TransactItems=[
+                {"ConditionCheck": {
+                    "TableName": self.name, "Key": {"leaseKey": {"S": parent.key}},
+                    "ConditionExpression": "leaseCounter = :seen AND leaseOwner = :me",
+                    "ExpressionAttributeValues": {":seen": {"N": str(parent.counter)},
+                                                  ":me": {"S": owner}}}},
+                {"Update": {
+                    "TableName": self.name, "Key": {"leaseKey": {"S": child_key}},
+                    "UpdateExpression": "SET " + ", ".join(
+                        f"partitionCommits.#v{i} = :c{i}" for i in range(len(commits))),
+                    "ConditionExpression": "attribute_exists(leaseKey)",
+                    "ExpressionAttributeNames": names, "ExpressionAttributeValues": values}},
+            ])
+            return True
+        except self._errors.TransactionCanceledException:
+            return False
+
     def delete(self, lease: Lease) -> bool:
         try:
             self.client.delete_item(TableName=self.name, Key={"leaseKey": {"S": lease.key}},
