@@ -462,12 +462,13 @@ class KinesisConsumer:
                     lost.append(key)
                     continue
                 checkpoint, sub = self._shard_checkpoint(h, commits)
+                sent = time.monotonic()
                 done = self.table.checkpoint(h.lease, self.member, checkpoint, sub, commits)
                 if done is None:
                     h.lost = True
                     lost.append(key)
-                else:
-                    h.lease = done
+                else:  # a conditional write that went through renews the lease too
+                    h.lease, h.renewed_at = done, sent
                     self._leases[key] = done
         if lost:
             self._lose(lost)
