@@ -509,3 +509,23 @@ def test_a_process_stopped_past_the_failover_time_is_fenced_when_it_resumes(
         out.close()
         if parent is not None:
             parent.close()
+
+
+def test_active_members_are_those_renewing_and_asking_each_group_waits_once(
+        log: KinesisLog) -> None:
+    topic = new_topic(log, partitions=2, shards=1)
+    a = Member(log, "ga", topic, "alive-a")
+    b = Member(log, "gb", topic, "alive-b")
+    try:
+        wait_until(lambda: a.owned() == {0, 1} and b.owned() == {0, 1}, "both own the topic")
+        assert log.active_members("ga") == ["alive-a"]
+        started = time.monotonic()
+        assert log.active_members("gb") == ["alive-b"]  # observed with ga's: no second wait
+        assert time.monotonic() - started < FAILOVER_MS / 1000 / 3
+        b.stop()
+        b.consumer.renewing.clear()  # a dead worker: its lease stays, its counter stands
+        wait_until(lambda: log.active_members("gb") == [], "the stalled member is not live",
+                   timeout=WAIT_S)
+    finally:
+        a.close()
+        b.consumer.close()

@@ -72,6 +72,8 @@ class KinesisLog:
         self.dynamodb = client("dynamodb")
         self.streams = Streams(self.kinesis, self.options)
         self._clients: list[KinesisProducer | KinesisConsumer] = []
+        # lease table -> (monotonic time, {lease key: (owner, counter)}): active_members
+        self._observed: dict[str, tuple[float, dict[str, tuple[str | None, int]]]] = {}
 
     # -- topics ---------------------------------------------------------------------------
     def ensure_topics(self, specs: Sequence[TopicSpec]) -> None:
@@ -207,19 +209,41 @@ class KinesisLog:
                        if lease.stream.startswith(prefix)})
 
     def active_members(self, group: str) -> list[str]:
-        """Owners whose leases are renewed: a lease's counter moves within the renewal
-        interval while its owner runs, so two scans that far apart tell (no clocks of
-        other hosts are compared)."""
+        """Owners whose leases are renewed: a lease's counter moves at least once per
+        renewal interval (failover/3) while its owner runs, so a scan compared with one at
+        least that much older tells (no clocks of other hosts are compared). The first
+        call observes every group's table, so asking about each group in turn (replay)
+        waits once, not once per group."""
         table = self.table(group)
         if not table.exists():
             return []
-        first = {k: lease for k, lease in table.scan().items() if lease.owner}
-        if not first:
+        interval = self.options.failover_s / 3 * 1.5
+        seen = self._observed.get(table.name)
+        now = time.monotonic()
+        if seen is None or now - seen[0] > 10 * interval:
+            for name in [self.table(g).name for g in self.groups()]:
+                self._observe(LeaseTable(self.dynamodb, name))
+            seen = self._observed.get(table.name) or self._observe(table)
+        wait = interval - (time.monotonic() - seen[0])
+        owned = {k: (owner, counter) for k, (owner, counter) in seen[1].items() if owner}
+        if not owned:
             return []
-        time.sleep(self.options.failover_s / 3 * 1.5)
-        second = table.scan()
-        return sorted({lease.owner for k, lease in second.items()
-                       if lease.owner and k in first and lease.counter != first[k].counter})
+        if wait > 0:
+            time.sleep(wait)
+        now_seen = self._observe(table)[1]
+        return sorted({owner for k, (owner, counter) in now_seen.items()
+                       if owner and k in owned and counter != owned[k][1]})
+
+    def _observe(self, table: LeaseTable) -> tuple[float, dict[str, tuple[str | None, int]]]:
+        """(when, {lease key: (owner, counter)}) of the table now; the previous observation
+        is kept while it is younger than the renewal interval."""
+        taken = time.monotonic()
+        counters = {k: (lease.owner, lease.counter) for k, lease in table.scan().items()}
+        previous = self._observed.get(table.name)
+        interval = self.options.failover_s / 3 * 1.5
+        if previous is None or taken - previous[0] >= interval:
+            self._observed[table.name] = (taken, counters)
+        return taken, counters
 
     def reset_group(self, group: str, positions: dict[TopicPartition, int | None]) -> None:
         live = self.active_members(group)
