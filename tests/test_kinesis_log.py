@@ -522,6 +522,15 @@ def test_active_members_are_those_renewing_and_asking_each_group_waits_once(
         started = time.monotonic()
         assert log.active_members("gb") == ["alive-b"]  # observed with ga's: no second wait
         assert time.monotonic() - started < FAILOVER_MS / 1000 / 3
+        # A member with no lease (one shard, two members) is live all the same.
+        idle = Member(log, "ga", topic, "idle-c")
+        try:
+            wait_until(lambda: log.active_members("ga") == ["alive-a", "idle-c"],
+                       "the idle member counted live")
+            assert idle.owned() == set() and a.owned() == {0, 1}
+        finally:
+            idle.close()
+        assert log.active_members("ga") == ["alive-a"]  # it left: gone at once
         b.stop()
         b.consumer.renewing.clear()  # a dead worker: its lease stays, its counter stands
         wait_until(lambda: log.active_members("gb") == [], "the stalled member is not live",

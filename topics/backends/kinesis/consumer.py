@@ -42,6 +42,7 @@ from typing import Any
 
 from topics.backends.kinesis.envelope import hash_key_of
 from topics.backends.kinesis.leases import (
+    MEMBER_PREFIX,
     SHARD_END,
     TRIM_HORIZON,
     Commit,
@@ -90,6 +91,7 @@ class KinesisConsumer:
         self._held: dict[str, _Held] = {}
         self._seen: dict[str, tuple[int, float]] = {}  # key -> (counter, first seen)
         self._leases: dict[str, Lease] = {}  # the last scan
+        self._members: dict[str, Lease] = {}  # the member items of the last scan
         self._shards: dict[str, list[Shard]] = {}
         self._assigned: dict[TopicPartition, str] = {}  # tp -> key of the lease carrying it
         self._readers = Readers(kinesis, lambda topic: self._shards.get(topic, []), self._bound)
@@ -103,6 +105,7 @@ class KinesisConsumer:
         self.renewing = threading.Event()  # cleared: renewals pause (tests: a stalled worker)
         self.renewing.set()
         table.ensure()
+        table.beat(self.member)
         self._renewer = threading.Thread(target=self._renewals, daemon=True,
                                          name=f"lease-renewer-{group}-{self.member}")
         self._renewer.start()
@@ -116,6 +119,10 @@ class KinesisConsumer:
                 held = list(self._held.values())
             for h in held:
                 self._renew(h)
+            try:
+                self.table.beat(self.member)
+            except Exception as exc:  # others may count us out for a while: no harm
+                log_.warning("member heartbeat failed: %s", exc)
 
     def _renew(self, h: _Held) -> None:
         with self._lock:
@@ -169,8 +176,12 @@ class KinesisConsumer:
 
     def _scan(self) -> None:
         now = time.monotonic()
-        self._leases = self.table.scan()
-        for key, lease in self._leases.items():
+        everything = self.table.scan(members=True)
+        self._leases = {k: lease for k, lease in everything.items()
+                        if not k.startswith(MEMBER_PREFIX)}
+        self._members = {k: lease for k, lease in everything.items()
+                         if k.startswith(MEMBER_PREFIX)}
+        for key, lease in everything.items():
             seen = self._seen.get(key)
             if seen is None or seen[0] != lease.counter:
                 self._seen[key] = (lease.counter, now)
@@ -208,7 +219,10 @@ class KinesisConsumer:
         todo = self._processable()
         live = {lease.owner for lease in self._leases.values()
                 if self._ours(lease) and lease.owner and not self._expired(lease, now)}
-        # A member that asked for a lease lately is live though it may hold none yet.
+        # Members holding no lease yet: their own items' counters move (and a member that
+        # asked for a lease lately is live too).
+        live |= {m.owner for m in self._members.values()
+                 if m.owner and not self._expired(m, now)}
         live |= {m for m, seen in self._peers.items() if now - seen < self.failover_s}
         live.add(self.member)
         target = math.ceil(len(todo) / len(live)) if todo else 0
@@ -531,6 +545,10 @@ class KinesisConsumer:
                         self.table.release(h.lease, self.member)
                     except Exception as exc:  # it expires after the failover time instead
                         log_.warning("releasing %s failed: %s", h.lease.key, exc)
+            try:
+                self.table.leave(self.member)
+            except Exception as exc:  # its item stops moving: counted out after failover
+                log_.warning("leaving %s failed: %s", self.table.name, exc)
             self._assigned.clear()
             self._readers.clear()
 

@@ -19,6 +19,11 @@ our own attributes:
                                   the runtime's commits of the virtual partitions the shard
                                   carries; positions are decimal strings (any width)
 
+Members: an item `member:<name>` per running member (leaseOwner = the member, its
+leaseCounter bumped at every renewal round, deleted on close), so a member that holds no
+lease yet (more members than shards) is still seen live: it counts for the fair share and
+for `active_members`. `scan` leaves these items out unless asked.
+
 Every write to a held lease is an UpdateItem conditional on the leaseCounter last seen (and,
 but for a take, on leaseOwner being us): a worker that lost its lease can neither renew nor
 checkpoint nor commit. Nothing here reads a clock: expiry is judged by the consumer.
@@ -31,6 +36,7 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+MEMBER_PREFIX = "member:"
 SHARD_END = "SHARD_END"
 TRIM_HORIZON = "TRIM_HORIZON"
 TABLE_WAIT_S = 120.0
@@ -128,14 +134,16 @@ class LeaseTable:
             time.sleep(0.2)
             status = self.client.describe_table(TableName=self.name)["Table"]["TableStatus"]
 
-    def scan(self) -> dict[str, Lease]:
+    def scan(self, members: bool = False) -> dict[str, Lease]:
+        """The leases (and with `members`, the member items) by key."""
         out: dict[str, Lease] = {}
         args: dict[str, Any] = {"TableName": self.name, "ConsistentRead": True}
         while True:
             page = self.client.scan(**args)
             for item in page["Items"]:
                 lease = _from_item(item)
-                out[lease.key] = lease
+                if members or not lease.key.startswith(MEMBER_PREFIX):
+                    out[lease.key] = lease
             if "LastEvaluatedKey" not in page:
                 return out
             args["ExclusiveStartKey"] = page["LastEvaluatedKey"]
@@ -280,6 +288,17 @@ class LeaseTable:
             return True
         except self._errors.TransactionCanceledException:
             return False
+
+    def beat(self, member: str) -> None:
+        """Bumps the member's own item (made on first use)."""
+        self.client.update_item(
+            TableName=self.name, Key={"leaseKey": {"S": MEMBER_PREFIX + member}},
+            UpdateExpression="SET leaseOwner = :me ADD leaseCounter :one",
+            ExpressionAttributeValues={":me": {"S": member}, ":one": {"N": "1"}})
+
+    def leave(self, member: str) -> None:
+        self.client.delete_item(TableName=self.name,
+                                Key={"leaseKey": {"S": MEMBER_PREFIX + member}})
 
     def delete(self, lease: Lease) -> bool:
         try:

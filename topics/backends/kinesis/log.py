@@ -238,7 +238,8 @@ class KinesisLog:
         """(when, {lease key: (owner, counter)}) of the table now; the previous observation
         is kept while it is younger than the renewal interval."""
         taken = time.monotonic()
-        counters = {k: (lease.owner, lease.counter) for k, lease in table.scan().items()}
+        counters = {k: (lease.owner, lease.counter)
+                    for k, lease in table.scan(members=True).items()}
         previous = self._observed.get(table.name)
         interval = self.options.failover_s / 3 * 1.5
         if previous is None or taken - previous[0] >= interval:
