@@ -131,3 +131,34 @@ def test_shard_ids_are_parsed_and_refused() -> None:
         shard_index("shard-12")
     with pytest.raises(ValueError, match="out of range"):
         pack(0, SEQUENCE_SPAN, 0)
+
+
+def test_sub_records_outside_their_shard_are_dropped_as_the_kcl_does(log: KinesisLog) -> None:
+    from aws_kinesis_agg.aggregator import RecordAggregator
+
+    from topics.backends.kinesis.envelope import encode, hash_key_of
+    from topics.backends.kinesis.records import ShardCursor, read_shard
+
+    log.ensure_topics([TopicSpec("t", 6, ("X",))])
+    shards = log.streams.shards("t")
+    first = shards[0]
+    inside = hash_key_of(0, 6)
+    assert first.holds(inside) and not first.holds(hash_key_of(5, 6))
+    # An aggregate put to the first shard that also carries a sub-record of another shard's
+    # range (what a producer aggregating across shards would do).
+    agg = RecordAggregator()
+    agg.add_user_record("0", encode(0, None, b"mine"), str(inside))
+    agg.add_user_record("5", encode(5, None, b"stray"), str(hash_key_of(5, 6)))
+    agg.add_user_record("0", encode(0, None, b"mine too"), str(inside))
+    pk, ehk, data = agg.clear_and_get().get_contents()
+    log.kinesis.put_record(StreamName=log.streams.name("t"), Data=data, PartitionKey=pk,
+                           ExplicitHashKey=ehk)
+    # and a plain record (not aggregated) is read as it is
+    log.kinesis.put_record(StreamName=log.streams.name("t"), Data=encode(1, b"k", b"plain"),
+                           PartitionKey="1", ExplicitHashKey=str(hash_key_of(1, 6)))
+    cursor = ShardCursor(log.kinesis, log.streams.name("t"), "t", first)
+    got = list(read_shard(cursor))
+    assert [(m.partition, m.value) for m in got] == [(0, b"mine"), (0, b"mine too"),
+                                                     (1, b"plain")]
+    assert cursor.dropped == 1
+    assert [unpack(m.position).sub for m in got] == [0, 2, 0]
