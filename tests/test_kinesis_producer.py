@@ -162,3 +162,15 @@ def test_sub_records_outside_their_shard_are_dropped_as_the_kcl_does(log: Kinesi
                                                      (1, b"plain")]
     assert cursor.dropped == 1
     assert [unpack(m.position).sub for m in got] == [0, 2, 0]
+
+
+def test_user_mistakes_get_one_line_messages(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="unknown option 'bogus'"):
+        open_log("kinesis://?bogus=1")
+    with pytest.raises(ValueError, match="failover_ms 5: expected 100 or more"):
+        open_log("kinesis://", kinesis_failover_ms=5)
+    for name in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
+    with pytest.raises(ValueError, match="no AWS region; set AWS_REGION"):
+        open_log("kinesis://")

@@ -68,8 +68,14 @@ class KinesisLog:
         self.options: KinesisOptions = parse(url, options)
         self.url = url
         self.max_message_bytes = MAX_MESSAGE_BYTES
-        self.kinesis = client("kinesis")
-        self.dynamodb = client("dynamodb")
+        from botocore.exceptions import NoRegionError
+
+        try:
+            self.kinesis = client("kinesis")
+            self.dynamodb = client("dynamodb")
+        except NoRegionError:
+            raise ValueError("--backend kinesis: no AWS region; set AWS_REGION (or "
+                             "AWS_DEFAULT_REGION, or a region in the AWS profile)") from None
         self.streams = Streams(self.kinesis, self.options)
         self._clients: list[KinesisProducer | KinesisConsumer] = []
         # lease table -> (monotonic time, {lease key: (owner, counter)}): active_members
@@ -77,7 +83,12 @@ class KinesisLog:
 
     # -- topics ---------------------------------------------------------------------------
     def ensure_topics(self, specs: Sequence[TopicSpec]) -> None:
-        self.streams.ensure(specs)
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.streams.ensure(specs)
+        except (BotoCoreError, ClientError) as exc:  # unreachable, no credentials, denied
+            raise TopicError(f"kinesis: cannot create or check the streams: {exc}") from None
 
     def partitions(self, topic: str) -> list[int]:
         return list(range(self.streams.partition_count(topic)))
