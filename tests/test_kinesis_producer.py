@@ -174,3 +174,26 @@ def test_user_mistakes_get_one_line_messages(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
     with pytest.raises(ValueError, match="no AWS region; set AWS_REGION"):
         open_log("kinesis://")
+
+
+def test_a_resume_point_no_longer_in_the_shard_reads_from_the_oldest_record_left(
+        log: KinesisLog, caplog: pytest.LogCaptureFixture) -> None:
+    from topics.backends.kinesis.records import ShardCursor, read_shard
+
+    log.ensure_topics([TopicSpec("t", 3, ("X",))])
+    producer = log.producer()
+    for p in range(3):
+        producer.send("t", p, f"m{p}".encode())
+    producer.flush()
+    first, second = log.streams.shards("t")[:2]
+    foreign = next(iter(log.read("t", 1)))  # a record of another shard
+    assert unpack(foreign.position).shard == second.index
+    # A position in the first shard whose record it does not hold (as after retention)
+    gone = pack(first.index, unpack(foreign.position).sequence, 0)
+    cursor = ShardCursor(log.kinesis, log.streams.name("t"), "t", first, gone)
+    got = [m for m in read_shard(cursor)]
+    assert "no longer in the stream" in caplog.text  # kinesalite refused AT_SEQUENCE_NUMBER
+    # read from the oldest record left, dropping what lies at or below the resume point
+    everything = list(read_shard(ShardCursor(log.kinesis, log.streams.name("t"), "t", first)))
+    assert [m.value for m in everything] == [b"m0"]
+    assert got == [m for m in everything if m.position > gone]

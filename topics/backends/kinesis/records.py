@@ -65,7 +65,19 @@ class ShardCursor:
         else:
             args["ShardIteratorType"] = "AT_SEQUENCE_NUMBER"
             args["StartingSequenceNumber"] = str(unpack(position).sequence)
-        return str(self.client.get_shard_iterator(**args)["ShardIterator"])
+        try:
+            return str(self.client.get_shard_iterator(**args)["ShardIterator"])
+        except self.client.exceptions.InvalidArgumentException:
+            if position is None:
+                raise
+            # The record is gone (retention trimmed it): everything after it that is left
+            # starts at the shard's trim horizon (what lies at or below it is dropped).
+            log_.warning("%s %s: record %s is no longer in the stream; reading from the "
+                         "oldest record left", self.stream, self.shard.id,
+                         unpack(position).sequence)
+            args = {"StreamName": self.stream, "ShardId": self.shard.id,
+                    "ShardIteratorType": "TRIM_HORIZON"}
+            return str(self.client.get_shard_iterator(**args)["ShardIterator"])
 
     def start_at(self, position: int) -> None:
         """Reads from the record of `position` (its sub-records too), not after it."""
