@@ -69,7 +69,8 @@ GROUP_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
     (("--data-dir",), dict(type=click.Path(file_okay=False), default=".streams",
                           help="Where the embedded log, the local object store and the "
                                "warehouse live.")),
-    (("--backend",), dict(type=click.Choice(["embedded", "kafka"]), default="embedded")),
+    (("--backend",), dict(type=click.Choice(["embedded", "kafka", "kinesis"]),
+                          default="embedded")),
     (("--bootstrap",), dict(default="", help="Kafka bootstrap servers, host:port[,...].")),
     (("--s3-format",), dict(type=click.Choice(["parquet", "avro", "jsonl"]), default="parquet",
                            help="Format of the objects the S3 sink writes.")),
@@ -139,6 +140,18 @@ GROUP_OPTIONS: list[tuple[tuple[str, ...], dict[str, Any]]] = [
                                         help="Largest message the producer sends: rows are "
                                              "packed under it, a row too big on its own is "
                                              "dead-lettered.")),
+    (("--kinesis-prefix",), dict(default="", help="Kinesis: stream name = prefix + topic.")),
+    (("--kinesis-lease-table",), dict(default="streams-leases",
+                                     help="Kinesis: DynamoDB lease tables are named "
+                                          "<this>.<group>.")),
+    (("--kinesis-failover-ms",), dict(type=click.IntRange(100), default=10_000,
+                                     help="Kinesis: a lease unrenewed this long is taken by "
+                                          "another worker.")),
+    (("--kinesis-shards",), dict(type=click.IntRange(0), default=0,
+                                help="Kinesis: shards of a new stream [default 0: one per "
+                                     "virtual partition].")),
+    (("--kinesis-on-demand/--no-kinesis-on-demand",), dict(
+        default=False, help="Kinesis: create streams in on-demand capacity mode.")),
     (("--status-table",), dict(default="",
                               help="DynamoDB table mirroring the batch table (created on "
                                    "first use) [default: none].")),
@@ -629,6 +642,7 @@ def topics(ctx: click.Context) -> None:
     """List topics, partitions, positions, and consumer groups with their lag."""
     pipe = _pipeline(ctx)
     try:
+        from streams.shard_view import echo_shards
         from topics.spec import SPECS
 
         click.echo(f"{'TOPIC':30} {'PART':>4} {'MESSAGES':>9} {'FIRST':>12} {'LAST':>12}")
@@ -642,6 +656,7 @@ def topics(ctx: click.Context) -> None:
             for gp in pipe.log.group_positions(group):
                 click.echo(f"{group:24} {gp.tp.topic:30} {gp.tp.partition:>4} "
                            f"{_pos(gp.committed):>12} {gp.lag:>6} {gp.owner or '-'}")
+        echo_shards(pipe.log, SPECS)  # Kinesis: shards, lineage, leases
     finally:
         pipe.close()
 

@@ -24,7 +24,7 @@ _MEMORY = re.compile(r"^\s*\d+(\.\d+)?\s*(%|b|bytes|[kmgt]i?b)\s*$", re.IGNORECA
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path = Path(".streams")
-    backend: str = "embedded"  # embedded | kafka
+    backend: str = "embedded"  # embedded | kafka | kinesis
     bootstrap: str = ""  # kafka: host:port[,host:port]
     s3_format: str = "parquet"  # avro | jsonl | parquet
     # Object store root: s3://bucket/prefix, file:///path or a path; default <data_dir>/s3.
@@ -63,6 +63,13 @@ class Settings:
     # How long a process waits for the warehouse while another process holds DuckDB's
     # one-writer lock (two runs side by side, a run beside a worker of the warehouse role).
     warehouse_lock_timeout_s: float = 600.0
+    # Kinesis: stream name prefix, lease tables ("<table>.<group>"), failover, new streams'
+    # shards (0: one per virtual partition) or on-demand capacity.
+    kinesis_prefix: str = ""
+    kinesis_lease_table: str = "streams-leases"
+    kinesis_failover_ms: int = 10_000
+    kinesis_shards: int = 0
+    kinesis_on_demand: bool = False
     # DynamoDB table mirroring the batch table ("" = none): the status-table role.
     status_table: str = ""
     # Operating it (streams/operations.py): Prometheus metrics on this port (None = off),
@@ -144,7 +151,9 @@ class Settings:
             return f"embedded://{self.data_dir.resolve() / 'log'}"
         if self.backend == "kafka":
             return f"kafka://{self.bootstrap}"
-        raise ValueError(f"--backend {self.backend!r}: expected embedded or kafka")
+        if self.backend == "kinesis":
+            return "kinesis://"
+        raise ValueError(f"--backend {self.backend!r}: expected embedded, kafka or kinesis")
 
     def log_options(self) -> dict[str, Any]:
         """Options for `open_log`: each backend takes the ones it knows."""
@@ -157,6 +166,11 @@ class Settings:
             "max_poll_interval_ms": self.kafka_max_poll_interval_ms,
             "replication_factor": self.kafka_replication_factor,
             "max_request_size": self.kafka_max_request_size,
+            "kinesis_prefix": self.kinesis_prefix,
+            "kinesis_lease_table": self.kinesis_lease_table,
+            "kinesis_failover_ms": self.kinesis_failover_ms,
+            "kinesis_shards": self.kinesis_shards,
+            "kinesis_on_demand": self.kinesis_on_demand,
         }
         return {k: v for k, v in options.items() if v is not None}
 

@@ -7,7 +7,12 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.aws_server import moto_endpoint
+from tests.kinesis_server import kinesis_endpoint, kinesis_env
 from tests.postgres_server import fresh_database, postgres_server
+
+# kinesalite (Kinesis) and the moto server (its lease tables in DynamoDB), by name
+__all__ = ["kinesis_endpoint", "kinesis_env", "moto_endpoint"]
 
 
 @pytest.fixture(scope="session")

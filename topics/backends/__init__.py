@@ -1,4 +1,5 @@
-"""Backends chosen by URL, as Faust does: `embedded:///path`, `kafka://host:port`."""
+"""Backends chosen by URL, as Faust does: `embedded:///path`, `kafka://host:port`,
+`kinesis://` (topics/backends/kinesis/log.py)."""
 
 from __future__ import annotations
 
@@ -28,4 +29,10 @@ def open_log(url: str, **options: object) -> Log:
         bootstrap = url[len("kafka://"):].strip("/")
         kafka = {k: v for k, v in options.items() if k in KAFKA_OPTIONS}
         return KafkaLog(bootstrap, **kafka)  # type: ignore[arg-type]
-    raise ValueError(f"unknown backend URL {url!r}; expected embedded://PATH or kafka://HOST:PORT")
+    if parsed.scheme == "kinesis":
+        from topics.backends.kinesis.log import KinesisLog
+
+        kinesis = {k: v for k, v in options.items() if k.startswith("kinesis_")}
+        return KinesisLog(url, **kinesis)
+    raise ValueError(f"unknown backend URL {url!r}; expected embedded://PATH, "
+                     "kafka://HOST:PORT or kinesis://")

@@ -1,0 +1,106 @@
+"""A real Kinesis for tests: kinesalite (npm `kinesalite@3.3.3`) on a free loopback port.
+
+The fixture installs kinesalite into a cache directory the first time (`npm install
+--prefix`, a few seconds) and starts it from a few lines of node bound to 127.0.0.1 (its
+CLI binds 0.0.0.0). Streams are created, resharded and deleted at once (createStreamMs=0).
+
+Fixtures:
+    kinesis_endpoint  session scope: one kinesalite shared by the tests using it; each test
+                      takes its own stream prefix (`unique_name`).
+    kinesis_env       function scope: the environment of a boto3 client (or a `streams`
+                      process): Kinesis at kinesalite, DynamoDB (the lease table) at the moto
+                      server, dummy credentials and region. Set in os.environ for the test.
+
+Use from a test module with
+    from tests.kinesis_server import kinesis_env, kinesis_endpoint  # noqa: F401
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.aws_server import env_for, free_port
+
+VERSION = "3.3.3"
+START_TIMEOUT_S = 20.0
+CACHE = Path(os.environ.get("STREAMS_TEST_CACHE",
+                            Path.home() / ".cache" / "audience-streams")) / f"kinesalite-{VERSION}"
+SERVE = """
+const port = parseInt(process.argv[1], 10);
+require('kinesalite')({createStreamMs: 0, deleteStreamMs: 0, updateStreamMs: 0,
+                       shardLimit: 1000}).listen(port, '127.0.0.1', () => {
+  process.stdout.write('listening\\n');
+});
+"""
+
+
+def install() -> Path:
+    """kinesalite's node_modules directory, installed on first use."""
+    modules = CACHE / "node_modules"
+    if (modules / "kinesalite" / "package.json").is_file():
+        return modules
+    npm = shutil.which("npm")
+    if npm is None:
+        raise RuntimeError("kinesalite needs node and npm on PATH (apt-get install nodejs npm)")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    subprocess.run([npm, "install", "--no-audit", "--no-fund", "--prefix", str(CACHE),
+                    f"kinesalite@{VERSION}"], check=True, capture_output=True, timeout=300)
+    return modules
+
+
+def _accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="session")
+def kinesis_endpoint() -> Iterator[str]:
+    modules = install()
+    port = free_port()
+    node = shutil.which("node") or "node"
+    proc = subprocess.Popen([node, "-e", SERVE, str(port)],
+                            env={**os.environ, "NODE_PATH": str(modules)},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not _accepts(port):
+            if proc.poll() is not None:
+                raise RuntimeError("kinesalite exited: "
+                                   + (proc.stderr.read().decode() if proc.stderr else ""))
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"kinesalite did not listen within {START_TIMEOUT_S}s")
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def kinesis_env_for(kinesis: str, dynamodb: str) -> dict[str, str]:
+    return {**env_for(dynamodb), "AWS_ENDPOINT_URL_KINESIS": kinesis,
+            "AWS_ENDPOINT_URL_DYNAMODB": dynamodb}
+
+
+@pytest.fixture
+def kinesis_env(kinesis_endpoint: str, moto_endpoint: str,
+                monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    env = kinesis_env_for(kinesis_endpoint, moto_endpoint)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return env
