@@ -36,3 +36,7 @@ def test_run_replace_and_verify_on_kinesis(tmp_path: Path, kinesis_env: dict[str
     assert [s["rows"] for s in status] == [5_000, 800]
     verified = run_cli("verify", data_dir=data_dir, env=env)
     assert "no differences" in verified.stdout
+    replayed = run_cli("replay", "--from", "earliest", "-q", data_dir=data_dir, env=env)
+    assert "replayed from earliest" in replayed.stdout
+    assert warehouse_members(data_dir) == sorted(expected_members(batches))
+    assert "no differences" in run_cli("verify", data_dir=data_dir, env=env).stdout
