@@ -44,12 +44,13 @@ import pytest
 
 from connectors.object_formats import decode_changes, extension
 from connectors.object_store import ObjectStore, open_store
+from connectors.s3_sink import parse_object_name
 from connectors.status_sink import StatusTableSink
 from connectors.warehouses.duckdb import DuckDBWarehouse
 from streams.api import Input
 from streams.outputs import OutputWriter
 from streams.sink_task import SinkTask
-from tests.aws_server import aws_env, make_bucket, moto_endpoint
+from tests.aws_server import aws_env, make_bucket, moto_endpoint, unique_name
 from tests.kafka_broker import GROUP_TIMEOUTS, fresh_kafka_bootstrap
 from tests.kafka_broker import cli_env as kafka_cli_env
 from tests.support import expected_members, random_rows, run_cli, write_csv
@@ -86,7 +87,7 @@ GROUPS = {
 }
 
 
-EMBEDDED, KAFKA = "embedded", "kafka"
+EMBEDDED, KAFKA, KINESIS = "embedded", "kafka", "kinesis"
 # The embedded log delivering to S3 (moto's server) and PostgreSQL (the session's server).
 S3_POSTGRES = "s3-postgres"
 
@@ -104,11 +105,12 @@ class Target:
     s3_root: str = ""
     warehouse: str = ""
     aws: dict[str, str] = field(default_factory=dict)
+    kinesis: dict[str, str] = field(default_factory=dict)  # Kinesis: the process's env
 
     def env(self, crash_at: str = "") -> dict[str, str]:
         """Environment of a `streams` process on this target. STREAMS_CRASH_AT is always
         set, so that a value inherited by pytest cannot leak in."""
-        backend = kafka_cli_env(self.bootstrap) if self.backend == KAFKA else {}
+        backend = kafka_cli_env(self.bootstrap) if self.backend == KAFKA else self.kinesis
         outputs = {**self.aws, **({"STREAMS_S3_ROOT": self.s3_root} if self.s3_root else {}),
                    **({"STREAMS_WAREHOUSE": self.warehouse} if self.warehouse else {})}
         return {**TUNING, **backend, **outputs, "STREAMS_CRASH_AT": crash_at}
@@ -135,13 +137,17 @@ class Target:
     def open_log(self) -> Log:
         if self.backend == KAFKA:
             return open_log(f"kafka://{self.bootstrap}", **GROUP_TIMEOUTS)
+        if self.backend == KINESIS:
+            return open_log("kinesis://", kinesis_prefix=self.kinesis["STREAMS_KINESIS_PREFIX"],
+                            kinesis_lease_table=self.kinesis["STREAMS_KINESIS_LEASE_TABLE"],
+                            kinesis_failover_ms=int(self.kinesis["STREAMS_KINESIS_FAILOVER_MS"]))
         return open_log(f"embedded://{(self.data_dir / 'log').resolve()}")
 
     @property
     def poll_interval(self) -> float:
         """Between reads of the log's groups and topics while waiting: a Kafka read opens
         clients and fetches (tens of ms of the 2 cores the pipeline needs)."""
-        return 0.25 if self.backend == KAFKA else 0.05
+        return 0.25 if self.backend in (KAFKA, KINESIS) else 0.05
 
 
 @pytest.fixture
@@ -153,6 +159,13 @@ def backend() -> str:
 def target(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Target:
     if backend == KAFKA:  # a broker of the test's own: the pipeline's topic names are fixed
         return Target(tmp_path / "data", KAFKA, request.getfixturevalue("fresh_kafka_bootstrap"))
+    if backend == KINESIS:  # streams and lease tables of the test's own, by name prefix
+        env = {**request.getfixturevalue("kinesis_env"), "STREAMS_BACKEND": "kinesis",
+               "STREAMS_KINESIS_PREFIX": unique_name("crash") + ".",
+               "STREAMS_KINESIS_LEASE_TABLE": unique_name("leases"),
+               # one shard per virtual partition: three workers can each hold leases
+               "STREAMS_KINESIS_FAILOVER_MS": "3000", "STREAMS_KINESIS_SHARDS": "0"}
+        return Target(tmp_path / "data", KINESIS, kinesis=env)
     if backend == S3_POSTGRES:  # a bucket and a database of the test's own
         aws = request.getfixturevalue("aws_env")
         return Target(tmp_path / "data", s3_root=f"s3://{make_bucket()}/out",
@@ -161,16 +174,20 @@ def target(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Targ
 
 
 def on_backends(values: list[str], on_kafka: tuple[str, ...],
-                on_s3_postgres: tuple[str, ...] = ()) -> list[Any]:
+                on_s3_postgres: tuple[str, ...] = (),
+                on_kinesis: tuple[str, ...] = ()) -> list[Any]:
     """(backend, value) cases: every value on the embedded backend (ids as they were before
-    Kafka), the values in `on_kafka` on Kafka too (ids `kafka-<value>`), and the values of
+    Kafka), the values in `on_kafka` on Kafka too (ids `kafka-<value>`), the values of
     `on_s3_postgres` (any, such as the warehouse's own crash points) with S3 + PostgreSQL
-    as the target (ids `s3pg-<value>`)."""
-    unknown = set(on_kafka) - set(values)
-    assert not unknown, f"Kafka cases that are not cases at all: {unknown}"
+    as the target (ids `s3pg-<value>`), and those in `on_kinesis` on Kinesis (ids
+    `kinesis-<value>`)."""
+    unknown = (set(on_kafka) | set(on_kinesis)) - set(values)
+    assert not unknown, f"Kafka/Kinesis cases that are not cases at all: {unknown}"
     return ([pytest.param(EMBEDDED, v, id=v) for v in values]
             + [pytest.param(KAFKA, v, id=f"kafka-{v}") for v in values if v in on_kafka]
-            + [pytest.param(S3_POSTGRES, v, id=f"s3pg-{v}") for v in on_s3_postgres])
+            + [pytest.param(S3_POSTGRES, v, id=f"s3pg-{v}") for v in on_s3_postgres]
+            + [pytest.param(KINESIS, v, id=f"kinesis-{v}") for v in values
+               if v in on_kinesis])
 
 
 BOTH_BACKENDS = [EMBEDDED, KAFKA]
@@ -338,10 +355,12 @@ def check_s3(target: Target, batch_id: str, fmt: str, start: set[tuple[str, str]
         directory, _, filename = key.rpartition("/")
         match = re.fullmatch(r"partition=(\d+)", directory.rpartition("/")[2])
         assert match, key
-        name = re.fullmatch(r"part-(\d{20})-(\d{5})" + re.escape(extension(fmt)), filename)
-        assert name, f"unexpected object name {filename}"
-        objects.append((int(match.group(1)), int(name.group(1)), int(name.group(2)), key,
-                        entry))
+        assert filename.endswith(extension(fmt)), f"unexpected object name {filename}"
+        try:  # part-<position key>-<part>: 20 digits, or w<width><digits> (Kinesis)
+            first, part_no = parse_object_name(filename)
+        except ValueError:
+            raise AssertionError(f"unexpected object name {filename}") from None
+        objects.append((int(match.group(1)), first, part_no, key, entry))
     objects.sort()
 
     state = set(start)
@@ -459,6 +478,8 @@ CRASH_POINTS = [
 # One of each kind on Kafka (the replace batch and the random kills below add theirs). A
 # processor killed after its outputs (`*.after_outputs`) re-emits them; where a partition
 # then ends in duplicates, a sink on Tansu (no commit metadata) must still commit past them.
+KINESIS_CRASH_POINTS = ("import.publishing:8", "segments.after_outputs",
+                        "sink-warehouse.after_chunk:8")
 KAFKA_CRASH_POINTS = ("import.publishing:8", "import.end_marker:2", "segments.after_outputs",
                       "segments.inside_changelog", "pipeline.after_outputs",
                       "sink-warehouse.after_chunk:8")
@@ -498,7 +519,7 @@ def crash_then_rerun(args: tuple[str, ...], target: Target, crash_at: str) -> No
 
 
 @pytest.mark.parametrize(("backend", "crash_at"), on_backends(
-    CRASH_POINTS, KAFKA_CRASH_POINTS, S3_POSTGRES_CRASH_POINTS))
+    CRASH_POINTS, KAFKA_CRASH_POINTS, S3_POSTGRES_CRASH_POINTS, KINESIS_CRASH_POINTS))
 def test_run_killed_at_crash_point_then_rerun_delivers_once(
         target: Target, inputs: dict[str, Batch], crash_at: str) -> None:
     batch = inputs["first"]

@@ -31,6 +31,7 @@ from tests.test_crash import (
     BOTH_BACKENDS,
     GROUPS,
     KILLED,
+    KINESIS,
     N_ROWS,
     PARTITIONS,
     Batch,
@@ -105,7 +106,7 @@ def restores(text: str) -> list[tuple[float, int, int | None]]:
             for when, partition, applied in RESTORED.findall(text)]
 
 
-@pytest.mark.parametrize("backend", BOTH_BACKENDS)
+@pytest.mark.parametrize("backend", [*BOTH_BACKENDS, KINESIS])
 def test_worker_killed_mid_batch_others_take_over_and_deliver_once(
         tmp_path: Path, target: Target, batch: Batch,
         spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
