@@ -29,15 +29,20 @@ from typing import Any
 from deploy.lambdas.pushed_consumer import PushedLog
 from deploy.lambdas.runtime import BadEvent, pipeline, settings
 from topics.backends.kinesis.envelope import decode as decode_envelope
+from topics.backends.kinesis.positions import pack, shard_index
 from topics.codec import decode as decode_value
 from topics.log import Message
 
 log_ = logging.getLogger(__name__)
-SUB_SPACE = 1 << 32
-
-
-def position_of(sequence: str, sub: int) -> int:
-    return int(sequence) * SUB_SPACE + sub
+def position_of(event_id: str, sequence: str, sub: int) -> int:
+    """The Kinesis backend's position of a sub-record (topics/backends/kinesis/positions.py:
+    shard index, sequence, sub-sequence), so state written here and by `streams worker
+    --backend kinesis` stamps the same inputs alike. The event id is `<shard id>:<seq>`."""
+    shard = event_id.partition(":")[0]
+    try:
+        return pack(shard_index(shard), int(sequence), sub)
+    except ValueError as exc:
+        raise BadEvent(f"Kinesis record {event_id!r}: {exc}") from None
 
 
 def handler(event: Any, context: Any = None) -> dict[str, Any]:
@@ -112,7 +117,7 @@ def _messages(record: dict[str, Any], topic: str) -> list[Message]:
         data = base64.b64decode(sub["kinesis"]["data"])
         envelope = decode_envelope(data)
         decode_value(envelope.value)  # a value of no known schema fails here, not mid-fold
-        position = position_of(kinesis["sequenceNumber"],
+        position = position_of(str(record.get("eventID", "")), kinesis["sequenceNumber"],
                                int(sub["kinesis"].get("subSequenceNumber") or 0))
         out.append(Message(topic, envelope.partition, position, envelope.value, envelope.key,
                            arrival))
