@@ -1,12 +1,14 @@
 """The Lambda handlers of deploy/lambdas called with real event shapes (EventBridge's S3
 "Object Created", the classic S3 notification, a Kinesis event of KPL-aggregated records
-read back from a stream, an EventBridge Scheduler input) against moto's S3, DynamoDB and
-Kinesis; the pipeline on an embedded log in the test's directory (the Kinesis backend is
-not in this tree yet), each handler's environment read from the template."""
+read back from a stream, an EventBridge Scheduler input) against moto's S3 and DynamoDB
+and kinesalite's Kinesis (realistic 56-digit sequence numbers); the handlers' own log is
+an embedded one in the test's directory, each handler's environment read from the
+template."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -153,14 +155,23 @@ def _rows_messages(d: Deployment, rows: list[tuple[str, str, str]],
         pipe.close()
 
 
+@pytest.fixture
+def kinesalite(kinesis_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Kinesis clients on kinesalite (realistic sequence numbers; S3 and DynamoDB stay on
+    moto)."""
+    monkeypatch.setenv("AWS_ENDPOINT_URL_KINESIS", kinesis_endpoint)
+    return kinesis_endpoint
+
+
 def _put_aggregated(stream: str, messages: list[Any], poison_after: int) -> list[Any]:
     """Puts the messages as KPL aggregates (one per virtual partition and a few messages),
-    with a record that is no message envelope after `poison_after` aggregates; returns the
-    stream's records as GetRecords reads them."""
+    with a record that is no message envelope after `poison_after` aggregates, on the
+    `kinesalite` fixture's server; returns the stream's records as GetRecords reads them."""
     from aws_kinesis_agg.aggregator import RecordAggregator
 
     from topics.backends.kinesis.envelope import encode
 
+    assert os.environ.get("AWS_ENDPOINT_URL_KINESIS"), "use the kinesalite fixture"
     client = aws.client("kinesis")
     client.create_stream(StreamName=stream, ShardCount=1)
     client.get_waiter("stream_exists").wait(StreamName=stream)
@@ -185,7 +196,8 @@ def _put_aggregated(stream: str, messages: list[Any], poison_after: int) -> list
 
 
 def test_kinesis_handler_reports_the_poison_record_mid_batch(deployment: Deployment,
-                                                             tmp_path: Path) -> None:
+                                                             tmp_path: Path,
+                                                             kinesalite: str) -> None:
     from processors.segments import AudienceSegments
     from streams.pipeline import Pipeline
     from streams.settings import Settings
@@ -292,7 +304,7 @@ class _FailingProducer:
 @pytest.mark.parametrize("allowed", [0, 6])  # from the start, or mid-batch
 def test_kinesis_handler_retries_the_whole_batch_when_the_log_fails(
         deployment: Deployment, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        allowed: int) -> None:
+        allowed: int, kinesalite: str) -> None:
     """Writes of the changelog or outputs failing: the response names the batch's first
     record (nothing of it may count as done), and the retry applies every row once."""
     from processors.segments import AudienceSegments
@@ -328,7 +340,7 @@ def test_kinesis_handler_retries_the_whole_batch_when_the_log_fails(
 
 
 def test_kinesis_handler_runs_the_pipeline_processor_on_its_events_stream(
-        deployment: Deployment, tmp_path: Path) -> None:
+        deployment: Deployment, tmp_path: Path, kinesalite: str) -> None:
     """pipeline.events on Lambda: the batch table folded from its events, as a worker of
     the pipeline role does."""
     from processors.pipeline_state import PipelineState
