@@ -47,12 +47,15 @@ class TargetServers:
     moto: str = ""  # endpoint
     postgres: str = ""  # admin URI
     pids: list[int] = field(default_factory=list)
+    # The backend's servers of the measurement under way (kinesalite, its lease tables'
+    # moto), counted as server CPU too.
+    backend_pids: list[int] = field(default_factory=list)
     postgres_dir: str = ""
     _names: Iterator[int] = field(default_factory=itertools.count)
 
     def server_cpu_s(self) -> float:
         """CPU seconds the servers have used so far (sample before and after a run)."""
-        pids = list(self.pids)
+        pids = [*self.pids, *self.backend_pids]
         if self.postgres_dir:
             import psutil
 
@@ -107,24 +110,33 @@ def _wait_http(url: str, timeout_s: float = 30.0) -> None:
 
 
 @contextlib.contextmanager
+def moto_process(work: Path) -> Iterator[tuple[str, int]]:
+    """A moto server as a process of its own: (endpoint, pid)."""
+    from tests.aws_server import free_port
+
+    port = free_port()
+    with open(work / "moto.log", "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        _wait_http(f"{endpoint}/moto-api/")
+        yield endpoint, proc.pid
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+@contextlib.contextmanager
 def target_servers(target: str, work: Path) -> Iterator[TargetServers]:
     if target not in TARGETS:
         raise ValueError(f"--target {target!r}: expected one of {', '.join(TARGETS)}")
     servers = TargetServers(target)
     with contextlib.ExitStack() as stack:
         if "s3" in target:
-            from tests.aws_server import free_port
-
-            port = free_port()
-            log = stack.enter_context(open(work / "moto.log", "wb"))
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-            stack.callback(proc.wait, 10)
-            stack.callback(proc.terminate)
-            servers.moto = f"http://127.0.0.1:{port}"
-            servers.pids.append(proc.pid)
-            _wait_http(f"{servers.moto}/moto-api/")
+            servers.moto, pid = stack.enter_context(moto_process(work))
+            servers.pids.append(pid)
         if "postgres" in target:
             from tests.postgres_server import postgres_server
 

@@ -23,6 +23,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -64,8 +65,9 @@ def _accepts(port: int) -> bool:
         return False
 
 
-@pytest.fixture(scope="session")
-def kinesis_endpoint() -> Iterator[str]:
+@contextmanager
+def kinesalite() -> Iterator[tuple[str, int]]:
+    """A kinesalite process on a free loopback port: (endpoint, pid); stopped on exit."""
     modules = install()
     port = free_port()
     node = shutil.which("node") or "node"
@@ -81,7 +83,7 @@ def kinesis_endpoint() -> Iterator[str]:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"kinesalite did not listen within {START_TIMEOUT_S}s")
             time.sleep(0.02)
-        yield f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{port}", proc.pid
     finally:
         proc.terminate()
         try:
@@ -89,6 +91,12 @@ def kinesis_endpoint() -> Iterator[str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def kinesis_endpoint() -> Iterator[str]:
+    with kinesalite() as (endpoint, _pid):
+        yield endpoint
 
 
 def kinesis_env_for(kinesis: str, dynamodb: str) -> dict[str, str]:
