@@ -112,7 +112,7 @@ def _wait_http(url: str, timeout_s: float = 30.0) -> None:
 @contextlib.contextmanager
 def moto_process(work: Path) -> Iterator[tuple[str, int]]:
     """A moto server as a process of its own: (endpoint, pid)."""
-    from tests.aws_server import free_port
+    from tests.ports import free_port
 
     port = free_port()
     with open(work / "moto.log", "ab") as log:

@@ -13,13 +13,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
 
-from tests.aws_server import free_port
-from tests.kinesis_server import SERVE, _accepts, install, kinesis_env_for
+from tests.kinesis_server import kinesalite, kinesis_env_for
+from tests.ports import free_port
 from topics.backends import open_log
 from topics.backends.kinesis.log import KinesisLog
 from topics.spec import TopicSpec
@@ -37,22 +36,15 @@ class Null:
 def servers() -> Iterator[None]:
     from moto.server import ThreadedMotoServer
 
-    port, moto_port = free_port(), free_port()
-    node = subprocess.Popen(["node", "-e", SERVE, str(port)], stdout=subprocess.DEVNULL,
-                            env={**os.environ, "NODE_PATH": str(install())})
+    moto_port = free_port()
     moto = ThreadedMotoServer(ip_address="127.0.0.1", port=moto_port, verbose=False)
     moto.start()
     try:
-        deadline = time.monotonic() + 20
-        while not _accepts(port) and time.monotonic() < deadline:
-            time.sleep(0.02)
-        os.environ.update(kinesis_env_for(f"http://127.0.0.1:{port}",
-                                          f"http://127.0.0.1:{moto_port}"))
-        yield
+        with kinesalite() as (kinesis, _pid):
+            os.environ.update(kinesis_env_for(kinesis, f"http://127.0.0.1:{moto_port}"))
+            yield
     finally:
         moto.stop()
-        node.terminate()
-        node.wait(timeout=5)
 
 
 def measure(shards: int, count: int, size: int) -> None:

@@ -20,7 +20,6 @@ import contextlib
 import importlib.resources
 import os
 import signal
-import socket
 import stat
 import subprocess
 import time
@@ -29,6 +28,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.ports import accepts, free_port
 
 START_TIMEOUT_S = 10.0
 STOP_TIMEOUT_S = 5.0
@@ -59,20 +60,6 @@ def tansu_binary() -> Path:
     return path
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
 @contextlib.contextmanager
 def tansu(log_dir: Path) -> Iterator[str]:
     """Starts a Tansu broker on a free loopback port; yields its bootstrap `host:port`."""
@@ -87,7 +74,7 @@ def tansu(log_dir: Path) -> Iterator[str]:
             start_new_session=True)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not _accepts(port):
+        while not accepts(port):
             if proc.poll() is not None:
                 raise RuntimeError(f"tansu exited with {proc.returncode} before accepting "
                                    f"connections; log: {log_path.read_text(errors='replace')}")

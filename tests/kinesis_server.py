@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -28,12 +27,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.aws_server import env_for, free_port
+from tests.aws_server import env_for
+from tests.npm_packages import npm_install
+from tests.ports import accepts, free_port
 
 VERSION = "3.3.3"
 START_TIMEOUT_S = 20.0
-CACHE = Path(os.environ.get("STREAMS_TEST_CACHE",
-                            Path.home() / ".cache" / "audience-streams")) / f"kinesalite-{VERSION}"
 SERVE = """
 const port = parseInt(process.argv[1], 10);
 require('kinesalite')({createStreamMs: 0, deleteStreamMs: 0, updateStreamMs: 0,
@@ -45,24 +44,7 @@ require('kinesalite')({createStreamMs: 0, deleteStreamMs: 0, updateStreamMs: 0,
 
 def install() -> Path:
     """kinesalite's node_modules directory, installed on first use."""
-    modules = CACHE / "node_modules"
-    if (modules / "kinesalite" / "package.json").is_file():
-        return modules
-    npm = shutil.which("npm")
-    if npm is None:
-        raise RuntimeError("kinesalite needs node and npm on PATH (apt-get install nodejs npm)")
-    CACHE.mkdir(parents=True, exist_ok=True)
-    subprocess.run([npm, "install", "--no-audit", "--no-fund", "--prefix", str(CACHE),
-                    f"kinesalite@{VERSION}"], check=True, capture_output=True, timeout=300)
-    return modules
-
-
-def _accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
+    return npm_install("kinesalite", VERSION) / "node_modules"
 
 
 @contextmanager
@@ -76,7 +58,7 @@ def kinesalite() -> Iterator[tuple[str, int]]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
-        while not _accepts(port):
+        while not accepts(port):
             if proc.poll() is not None:
                 raise RuntimeError("kinesalite exited: "
                                    + (proc.stderr.read().decode() if proc.stderr else ""))

@@ -4,7 +4,6 @@ the first attempts or hold requests), a free port, scraping /metrics, waiting on
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 import urllib.request
@@ -13,12 +12,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client.parser import text_string_to_metric_families
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(condition: Callable[[], Any], timeout_s: float = 60.0, what: str = "") -> Any:

@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -19,26 +17,15 @@ import pytest
 
 from deploy.definition import DEFINITION, TEMPLATE, embedded
 from tests.deploy_support import FUNCTIONS, definition, template
+from tests.npm_packages import npm_install
 
 ASL_VALIDATOR = "4.0.0"
-CACHE = Path(os.environ.get("STREAMS_TEST_CACHE", Path.home() / ".cache" / "audience-streams")
-             ) / f"asl-validator-{ASL_VALIDATOR}"
 
 
 @pytest.fixture(scope="session")
 def asl_validator() -> Path:
     """The asl-validator CLI, installed with npm into the cache on first use."""
-    binary = CACHE / "node_modules" / ".bin" / "asl-validator"
-    if binary.exists():
-        return binary
-    npm = shutil.which("npm")
-    if npm is None:
-        raise RuntimeError("asl-validator needs node and npm on PATH (apt-get install nodejs npm)")
-    CACHE.mkdir(parents=True, exist_ok=True)
-    subprocess.run([npm, "install", "--no-audit", "--no-fund", "--prefix", str(CACHE),
-                    f"asl-validator@{ASL_VALIDATOR}"], check=True, capture_output=True,
-                   timeout=300)
-    return binary
+    return npm_install("asl-validator", ASL_VALIDATOR) / "node_modules" / ".bin" / "asl-validator"
 
 
 def _validate(binary: Path, path: Path) -> subprocess.CompletedProcess[str]:

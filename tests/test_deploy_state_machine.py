@@ -31,7 +31,7 @@ from connectors import aws
 from connectors.dynamo_status import StatusTable
 from deploy.lambdas import submit
 from tests import asl_walker
-from tests.aws_server import aws_env, free_port, moto_endpoint, unique_name
+from tests.aws_server import aws_env, moto_endpoint, unique_name
 from tests.deploy_support import (
     FUNCTIONS,
     Deployment,
@@ -42,6 +42,7 @@ from tests.deploy_support import (
     template,
     upload,
 )
+from tests.ports import free_port
 from tests.support import expected_members, random_rows, run_cli, warehouse_members
 
 __all__ = ["aws_env", "deployment", "moto_endpoint"]  # fixtures, used by name

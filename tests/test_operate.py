@@ -19,13 +19,13 @@ import pytest
 from tests.kafka_broker import cli_env, fresh_kafka_bootstrap
 from tests.ops_support import (
     RecordingWebhook,
-    free_port,
     http_status,
     samples,
     scrape,
     total,
     wait_for,
 )
+from tests.ports import free_port
 from tests.support import random_rows, run_cli, write_csv
 
 __all__ = ["fresh_kafka_bootstrap"]  # the fixture, requested by name by the Kafka test

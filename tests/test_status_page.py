@@ -17,7 +17,8 @@ from typing import Any
 
 import pytest
 
-from tests.ops_support import free_port, http_status, wait_for
+from tests.ops_support import http_status, wait_for
+from tests.ports import free_port
 from tests.support import random_rows, run_cli, write_csv
 
 EVIL_SEGMENT = '<img src=x onerror="alert(1)">'
