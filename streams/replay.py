@@ -17,6 +17,7 @@ Workers of these groups must be stopped first, as with Kafka's reset tool.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from streams.api import Processor
 from streams.state.changelog import FENCE, write_fence
@@ -40,14 +41,20 @@ class ReplayPlan:
     description: str
 
 
+FROM_FORMS = "earliest, position:N, batch:ID or time:WHEN (ISO 8601, or epoch ms)"
+
+
 def plan(log: Log, topic: str, start: str) -> ReplayPlan:
-    """`earliest`, `position:N` (every partition, from its first message at or after N), or
-    `batch:ID` (every partition, from the first message of that batch)."""
+    """`earliest`, `position:N` (every partition, from its first message at or after N),
+    `batch:ID` (every partition, from the first message of that batch), or `time:WHEN`
+    (every partition, from its first message appended at or after WHEN: the log's own
+    timestamps, Kinesis's arrival times, Kafka's record times)."""
     kind, _, arg = start.partition(":")
-    if kind not in ("earliest", "position", "batch") or (kind == "batch" and not arg):
-        raise ValueError(f"--from {start!r}: expected earliest, position:N or batch:ID")
+    if kind not in ("earliest", "position", "batch", "time") or (kind == "batch" and not arg):
+        raise ValueError(f"--from {start!r}: expected {FROM_FORMS}")
     if kind == "position":
         _int(arg)
+    since_ms = _time_ms(arg) if kind == "time" else 0
     starts: dict[int, int | None] = {}
     for p in log.partitions(topic):
         first = None
@@ -56,6 +63,8 @@ def plan(log: Log, topic: str, start: str) -> ReplayPlan:
                 first = msg.position
             elif kind == "position":
                 first = msg.position if msg.position >= _int(arg) else None
+            elif kind == "time":
+                first = msg.position if msg.timestamp_ms >= since_ms else None
             else:
                 first = msg.position if decode(msg.value)[1].get("batch_id") == arg else None
             if first is not None:
@@ -64,6 +73,21 @@ def plan(log: Log, topic: str, start: str) -> ReplayPlan:
     if kind == "batch" and all(v is None for v in starts.values()):
         raise ValueError(f"--from {start}: no message of batch {arg} on {topic}")
     return ReplayPlan(starts, start)
+
+
+def _time_ms(text: str) -> int:
+    """Epoch milliseconds of `2026-12-01T10:00:00Z`, `2026-12-01 10:00` (UTC unless an
+    offset is given) or a plain number of epoch ms."""
+    if text.isdigit():
+        return int(text)
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"--from time:{text}: expected an ISO 8601 time such as "
+                         "2026-12-01T10:00:00Z, or epoch milliseconds") from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp() * 1000)
 
 
 def _int(text: str) -> int:

@@ -185,3 +185,36 @@ def _wait_line(proc: subprocess.Popen[bytes], text: bytes, timeout_s: float = 60
             chunk = os.read(proc.stdout.fileno(), 4096)
             assert chunk, f"the worker exited before it ran: {seen!r}"
             seen += chunk
+
+
+def test_replay_from_a_time_starts_each_partition_at_its_first_later_message(
+        tmp_path: Path) -> None:
+    """`--from time:WHEN`: every partition from its first message appended at or after
+    WHEN, which here is where the second batch begins (the first one is all before it)."""
+    import time
+
+    from streams.replay import plan
+    from topics.spec import ROWS
+
+    pipe = Pipeline(Settings(data_dir=tmp_path / "data"))
+    try:
+        rows_a = [(f"a{i}", "s1", "add") for i in range(300)]
+        first = _run(pipe, write_csv(tmp_path / "a.csv", rows_a))
+        between = time.time_ns() // 1_000_000 + 1
+        while time.time_ns() // 1_000_000 <= between:  # the clock past WHEN, then batch 2
+            time.sleep(0.001)
+        rows_b = [(f"b{i}", "s2", "add") for i in range(300)]
+        second = _run(pipe, write_csv(tmp_path / "b.csv", rows_b))
+        assert first.batch_id != second.batch_id
+        by_time = plan(pipe.log, ROWS, f"time:{between}")
+        assert by_time.starts == plan(pipe.log, ROWS, f"batch:{second.batch_id}").starts
+        assert all(start is not None for start in by_time.starts.values())
+        iso = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(between // 1000))
+        assert plan(pipe.log, ROWS, f"time:{iso}Z").starts == \
+            plan(pipe.log, ROWS, f"time:{between // 1000 * 1000}").starts
+        later = plan(pipe.log, ROWS, f"time:{time.time_ns() // 1_000_000 + 60_000}")
+        assert set(later.starts.values()) == {None}  # nothing to reprocess
+        with pytest.raises(ValueError, match=r"time:yesterday: expected an ISO 8601 time"):
+            plan(pipe.log, ROWS, "time:yesterday")
+    finally:
+        pipe.close()
