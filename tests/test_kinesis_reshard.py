@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import random_rows, write_csv
+from tests.support import random_rows, run_cli, write_csv
 from tests.test_crash import KINESIS, Batch, Target, output_of, spawn, target, verify, wait_for
 from topics.backends.kinesis.envelope import hash_key_of
 from topics.backends.kinesis.log import KinesisLog
@@ -110,5 +110,18 @@ def test_split_and_merge_mid_batch_close_it_once_with_exact_outputs(
                 assert shard.id not in leases or leases[shard.id].finished, leases[shard.id]
             else:
                 assert shard.id in leases, f"open shard {shard.id} has no lease"
+        # `streams topics` shows the lineage and each lease's lag in ms beside its owner and
+        # checkpoint (kinesalite: 0 for an open shard; finished parents are 0 behind).
+        printed = run_cli("topics", data_dir=target.data_dir, env=target.env()).stdout
+        lines = printed.splitlines()
+        for child in (s for s in shards if s.id not in before):
+            assert any(line.split()[:2] == [ROWS, child.id] and ",".join(child.parents)
+                       in line for line in lines), printed
+        header = next(line for line in lines if line.startswith("GROUP") and "LAG MS" in line)
+        rows = [line.split() for line in lines[lines.index(header) + 1:]
+                if line.startswith("processor-segments ") and f" {ROWS} " in line]
+        assert {row[2] for row in rows} == set(leases), printed
+        for row in rows:
+            assert row[-2].isdigit() and (row[-1] != "SHARD_END" or row[-2] == "0"), row
     finally:
         log.close()
