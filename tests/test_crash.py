@@ -478,11 +478,10 @@ CRASH_POINTS = [
 # One of each kind on Kafka (the replace batch and the random kills below add theirs). A
 # processor killed after its outputs (`*.after_outputs`) re-emits them; where a partition
 # then ends in duplicates, a sink on Tansu (no commit metadata) must still commit past them.
-KINESIS_CRASH_POINTS = ("import.publishing:8", "segments.after_outputs",
-                        "sink-warehouse.after_chunk:8")
 KAFKA_CRASH_POINTS = ("import.publishing:8", "import.end_marker:2", "segments.after_outputs",
                       "segments.inside_changelog", "pipeline.after_outputs",
                       "sink-warehouse.after_chunk:8")
+KINESIS_CRASH_POINTS = KAFKA_CRASH_POINTS  # the same kinds of crash as on Kafka
 # With S3 (moto) and PostgreSQL as the target: the kills inside the warehouse's own
 # transactions, and after S3 puts (the partition ~29k changes: 3 chunks, 12 in all).
 S3_POSTGRES_CRASH_POINTS = (
