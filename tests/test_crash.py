@@ -19,6 +19,10 @@ A further subset (ids `s3pg-...`) runs on the embedded log with S3 (moto's serve
 of the test's own) and PostgreSQL (a database of the test's own) as the target, and checks
 the bucket's objects and the database's tables the same way: kills inside the warehouse's
 COPY and merge transactions (crash points `postgres.*`), and after S3 puts.
+
+The Kafka subset runs on Kinesis too (ids `kinesis-...`, or `[kinesis]` for tests
+parametrised by backend alone): kinesalite for the streams and the moto server for the lease
+tables, a stream prefix and lease table of the test's own.
 """
 
 from __future__ import annotations
@@ -542,6 +546,7 @@ def test_run_killed_with_jsonl_objects(target: Target, inputs: dict[str, Batch],
     "sink-warehouse.between_removal_parts",
     "sink-warehouse.after_close:3",
 ], on_kafka=("segments.after_outputs:2", "segments.between_outputs"),
+    on_kinesis=("segments.after_outputs:2", "segments.between_outputs"),
     # the merge of the replace's removals (in parts) killed before its commit
     on_s3_postgres=("postgres.inside_merge:3",)))
 def test_replace_batch_killed_then_rerun_removes_once(
@@ -575,7 +580,8 @@ def test_run_killed_in_processor_then_in_sink_then_rerun_delivers_once(
 @pytest.mark.parametrize(("backend", "crash_at"), on_backends([
     "sink-s3.after_boundary_poll",  # a poll past the first batch's end, into the second's
     "sink-warehouse.after_boundary_poll",
-], on_kafka=("sink-warehouse.after_boundary_poll",)))
+], on_kafka=("sink-warehouse.after_boundary_poll",),
+    on_kinesis=("sink-warehouse.after_boundary_poll",)))
 def test_sink_killed_after_a_poll_across_two_batches_then_restarted_delivers_once(
         tmp_path: Path, target: Target, inputs: dict[str, Batch], crash_at: str,
         spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
@@ -671,7 +677,7 @@ def test_run_killed_from_outside_at_random_times(
 # -- 3. a separate worker, killed and restarted, then stopped cleanly --------------------------
 
 
-@pytest.mark.parametrize("backend", BOTH_BACKENDS)
+@pytest.mark.parametrize("backend", [*BOTH_BACKENDS, KINESIS])
 def test_worker_killed_at_checkpoint_restarted_and_stopped_cleanly(
         tmp_path: Path, target: Target, inputs: dict[str, Batch],
         spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
