@@ -643,7 +643,7 @@ def clean_run_messages(tmp_path_factory: pytest.TempPathFactory,
     return {topic: messages_on(reference, topic) for topic in PROGRESS_TOPICS}
 
 
-@pytest.mark.parametrize("backend", BOTH_BACKENDS)
+@pytest.mark.parametrize("backend", [*BOTH_BACKENDS, KINESIS])
 def test_run_killed_from_outside_at_random_times(
         tmp_path: Path, target: Target, inputs: dict[str, Batch],
         spawn: Callable[..., subprocess.Popen[bytes]],
