@@ -1,5 +1,6 @@
 """`streams topics` on Kinesis: the shards under the virtual partitions, with their lineage
-and hash ranges, and each group's leases (owner, checkpoint). Other backends have no shards:
+and hash ranges, and each group's leases (owner, lag of the checkpoint in milliseconds:
+GetRecords' MillisBehindLatest, checkpoint). Other backends have no shards:
 nothing is printed for them."""
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ def echo_shards(log: Log, topics: Iterable[str]) -> None:
                           if row["checkpoint"] is not None)
     if leases:
         click.echo("")
-        click.echo(f"{'GROUP':24} {'TOPIC':30} {'SHARD':20} {'OWNER':24} CHECKPOINT")
+        click.echo(f"{'GROUP':24} {'TOPIC':30} {'SHARD':20} {'OWNER':24} {'LAG MS':>8} "
+                   "CHECKPOINT")
         for group, topic, row in leases:
+            behind = row["millis_behind"]
             click.echo(f"{group:24} {topic:30} {row['shard']:20} {row['owner'] or '-':24} "
-                       f"{row['checkpoint']}")
+                       f"{'-' if behind is None else behind:>8} {row['checkpoint']}")

@@ -19,6 +19,10 @@ A further subset (ids `s3pg-...`) runs on the embedded log with S3 (moto's serve
 of the test's own) and PostgreSQL (a database of the test's own) as the target, and checks
 the bucket's objects and the database's tables the same way: kills inside the warehouse's
 COPY and merge transactions (crash points `postgres.*`), and after S3 puts.
+
+The Kafka subset runs on Kinesis too (ids `kinesis-...`, or `[kinesis]` for tests
+parametrised by backend alone): kinesalite for the streams and the moto server for the lease
+tables, a stream prefix and lease table of the test's own.
 """
 
 from __future__ import annotations
@@ -478,11 +482,10 @@ CRASH_POINTS = [
 # One of each kind on Kafka (the replace batch and the random kills below add theirs). A
 # processor killed after its outputs (`*.after_outputs`) re-emits them; where a partition
 # then ends in duplicates, a sink on Tansu (no commit metadata) must still commit past them.
-KINESIS_CRASH_POINTS = ("import.publishing:8", "segments.after_outputs",
-                        "sink-warehouse.after_chunk:8")
 KAFKA_CRASH_POINTS = ("import.publishing:8", "import.end_marker:2", "segments.after_outputs",
                       "segments.inside_changelog", "pipeline.after_outputs",
                       "sink-warehouse.after_chunk:8")
+KINESIS_CRASH_POINTS = KAFKA_CRASH_POINTS  # the same kinds of crash as on Kafka
 # With S3 (moto) and PostgreSQL as the target: the kills inside the warehouse's own
 # transactions, and after S3 puts (the partition ~29k changes: 3 chunks, 12 in all).
 S3_POSTGRES_CRASH_POINTS = (
@@ -543,6 +546,7 @@ def test_run_killed_with_jsonl_objects(target: Target, inputs: dict[str, Batch],
     "sink-warehouse.between_removal_parts",
     "sink-warehouse.after_close:3",
 ], on_kafka=("segments.after_outputs:2", "segments.between_outputs"),
+    on_kinesis=("segments.after_outputs:2", "segments.between_outputs"),
     # the merge of the replace's removals (in parts) killed before its commit
     on_s3_postgres=("postgres.inside_merge:3",)))
 def test_replace_batch_killed_then_rerun_removes_once(
@@ -576,7 +580,8 @@ def test_run_killed_in_processor_then_in_sink_then_rerun_delivers_once(
 @pytest.mark.parametrize(("backend", "crash_at"), on_backends([
     "sink-s3.after_boundary_poll",  # a poll past the first batch's end, into the second's
     "sink-warehouse.after_boundary_poll",
-], on_kafka=("sink-warehouse.after_boundary_poll",)))
+], on_kafka=("sink-warehouse.after_boundary_poll",),
+    on_kinesis=("sink-warehouse.after_boundary_poll",)))
 def test_sink_killed_after_a_poll_across_two_batches_then_restarted_delivers_once(
         tmp_path: Path, target: Target, inputs: dict[str, Batch], crash_at: str,
         spawn: Callable[..., subprocess.Popen[bytes]]) -> None:
@@ -638,7 +643,7 @@ def clean_run_messages(tmp_path_factory: pytest.TempPathFactory,
     return {topic: messages_on(reference, topic) for topic in PROGRESS_TOPICS}
 
 
-@pytest.mark.parametrize("backend", BOTH_BACKENDS)
+@pytest.mark.parametrize("backend", [*BOTH_BACKENDS, KINESIS])
 def test_run_killed_from_outside_at_random_times(
         tmp_path: Path, target: Target, inputs: dict[str, Batch],
         spawn: Callable[..., subprocess.Popen[bytes]],
@@ -672,7 +677,7 @@ def test_run_killed_from_outside_at_random_times(
 # -- 3. a separate worker, killed and restarted, then stopped cleanly --------------------------
 
 
-@pytest.mark.parametrize("backend", BOTH_BACKENDS)
+@pytest.mark.parametrize("backend", [*BOTH_BACKENDS, KINESIS])
 def test_worker_killed_at_checkpoint_restarted_and_stopped_cleanly(
         tmp_path: Path, target: Target, inputs: dict[str, Batch],
         spawn: Callable[..., subprocess.Popen[bytes]]) -> None:

@@ -221,6 +221,33 @@ def test_a_consumer_reads_everything_commits_and_a_new_one_resumes_after(
     assert positions[3].committed == [m for m in second.seen() if m.partition == 3][-1].position
 
 
+def test_topics_shows_each_leases_lag_in_milliseconds(
+        log: KinesisLog, capsys: pytest.CaptureFixture[str]) -> None:
+    topic = new_topic(log, partitions=4, shards=2)
+    counts = {0: 20, 1: 3, 2: 7, 3: 11}
+    produce(log, topic, counts)
+    member = Member(log, "g", topic, "a")
+    try:
+        wait_until(lambda: len(member.seen()) == sum(counts.values()), "all messages")
+        wait_until(lambda: all(gp.lag == 0 for gp in log.group_positions("g")), "commits")
+    finally:
+        member.close()
+    # Read from GetRecords after each checkpoint: caught up, so 0 ms behind (kinesalite
+    # reports 0 for an open shard however far behind; real Kinesis the distance in time).
+    view = log.shard_view(topic, "g")
+    assert [row["millis_behind"] for row in view] == [0, 0]
+    assert all(row["checkpoint"] not in (None, "TRIM_HORIZON") for row in view)
+    assert [row["millis_behind"] for row in log.shard_view(topic)] == [None, None]  # no group
+    echo_shards(log, [topic])
+    lines = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("GROUP"))
+    assert lines[header].split()[-3:] == ["LAG", "MS", "CHECKPOINT"]
+    leases = [line.split() for line in lines[header + 1:] if line.strip()]
+    assert [(row[0], row[2], row[-2]) for row in leases] == [
+        ("g", row["shard"], "0") for row in view]
+    assert [row[-1] for row in leases] == [row["checkpoint"] for row in view]
+
+
 def test_commit_metadata_round_trips_and_reset_group_clears_it(log: KinesisLog) -> None:
     topic = new_topic(log, partitions=2, shards=1)
     produce(log, topic, {0: 4, 1: 4})

@@ -3,7 +3,8 @@ another worker, which restores them and finishes the batch; then the paused one 
 (SIGCONT) and goes on from where it stopped, flushing what it held. Nothing it writes after
 it lost the partitions may count: its changelog entries are void (a newer owner claimed
 the partition), its commits are refused, its outputs are duplicates the sinks skip. State
-and outputs must be exact, and `streams verify` must agree. On embedded and Kafka.
+and outputs must be exact, and `streams verify` must agree. On embedded, Kafka and Kinesis
+(there the lease's failover time, STREAMS_KINESIS_FAILOVER_MS, plays the session timeout).
 
 The pause lands on a condition, never on a guess about timing: the worker stops itself at a
 named point (STREAMS_PAUSE_AT, streams/faults.py), right after it flushed a checkpoint's
@@ -24,6 +25,7 @@ from tests.support import random_rows, run_cli, write_csv
 from tests.test_crash import (
     BOTH_BACKENDS,
     GROUPS,
+    KINESIS,
     N_ROWS,
     Batch,
     Target,
@@ -79,7 +81,7 @@ def zombie_entries(target: Target) -> int:
         log.close()
 
 
-@pytest.mark.parametrize("backend", BOTH_BACKENDS)
+@pytest.mark.parametrize("backend", [*BOTH_BACKENDS, KINESIS])
 def test_a_paused_worker_loses_its_partitions_and_its_late_writes_count_for_nothing(
         tmp_path: Path, target: Target, batch: Batch,
         spawn: Callable[..., subprocess.Popen[bytes]]) -> None:

@@ -25,6 +25,7 @@ from typing import Any
 
 from topics.backends.kinesis.consumer import KinesisConsumer
 from topics.backends.kinesis.envelope import hash_key_of
+from topics.backends.kinesis.lag import millis_behind
 from topics.backends.kinesis.leases import Commit, LeaseTable
 from topics.backends.kinesis.options import KinesisOptions, parse
 from topics.backends.kinesis.positions import unpack
@@ -170,9 +171,11 @@ class KinesisLog:
         return out
 
     def shard_view(self, topic: str, group: str | None = None) -> list[dict[str, Any]]:
-        """Shards with their lineage, hash ranges and, for a group, lease owner and
-        checkpoint (`streams topics` on Kinesis)."""
-        leases = stream_leases(self.table(group).scan(), self.streams.name(topic)) \
+        """Shards with their lineage, hash ranges and, for a group, lease owner,
+        checkpoint and the checkpoint's lag in ms (`millis_behind`, lag.py; None without a
+        lease) (`streams topics` on Kinesis)."""
+        stream = self.streams.name(topic)
+        leases = stream_leases(self.table(group).scan(), stream) \
             if group and self.table(group).exists() else {}
         out = []
         for shard in self.streams.shards(topic):
@@ -181,7 +184,9 @@ class KinesisLog:
                         "hash_range": [str(shard.start), str(shard.end)],
                         "closed": shard.closed,
                         "owner": lease.owner if lease else None,
-                        "checkpoint": lease.checkpoint if lease else None})
+                        "checkpoint": lease.checkpoint if lease else None,
+                        "millis_behind": millis_behind(self.kinesis, stream, lease)
+                        if lease else None})
         return out
 
     def groups(self) -> list[str]:
