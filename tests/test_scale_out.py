@@ -1,8 +1,9 @@
 """Scale-out: three `streams worker` processes share the partitions of each consumer group.
-One is SIGKILLed in the middle of a 200k-row batch; the others take over its partitions,
-restore its state from the changelog, and the batch closes once with every output (S3
-objects and manifests, warehouse, load ledger, status table and topics) holding each change
-exactly once. On the embedded backend and on Kafka (a Tansu broker of the test's own).
+One is SIGKILLed in the middle of a 200k-row batch and another stopped gracefully (SIGTERM)
+right after; the last one takes over their partitions, restores their state from the
+changelog, and the batch closes once with every output (S3 objects and manifests,
+warehouse, load ledger, status table and topics) holding each change exactly once. On the
+embedded backend, on Kafka (a Tansu broker of the test's own) and on Kinesis (kinesalite).
 
 DuckDB allows one writing process per file, so the `warehouse` role (and the status sink
 that goes with it) runs in one worker only, the keeper, which is never killed; the
@@ -139,6 +140,13 @@ def test_worker_killed_mid_batch_others_take_over_and_deliver_once(
         raise AssertionError(f"the victim did not reach {VICTIM_CRASH_AT} within 120s (did it "
                              f"own rows partitions?):\n{output_of(tmp_path, VICTIM[0])}") from None
     killed_at = time.time()  # just after it died
+    # Another worker stopped gracefully mid-batch (SIGTERM, as ECS stops a task): it
+    # checkpoints and hands its partitions (leases) over; the keeper finishes the batch.
+    other = survivors.pop(OTHER[0])
+    other.send_signal(signal.SIGTERM)
+    stopping_at = time.time()
+    assert other.wait(timeout=60) == 0, output_of(tmp_path, OTHER[0])
+    assert "worker stopped cleanly" in output_of(tmp_path, OTHER[0])
 
     def died() -> bool:  # a survivor that exits ends the waits below at once
         return any(proc.poll() is not None for proc in survivors.values())
@@ -159,15 +167,16 @@ def test_worker_killed_mid_batch_others_take_over_and_deliver_once(
     # The victim died having applied rows (its crash point is in a checkpoint that had some).
     # The survivors took partitions over after the kill and restored the state their
     # changelog held (stamped: rows had been applied there).
-    taken_over = [(p, applied) for name in survivors
+    taken_over = [(p, applied) for name in (*survivors, OTHER[0])
                   for when, p, applied in restores(output_of(tmp_path, name))
                   if when >= killed_at - 0.05 and applied is not None]  # log times: ms
     assert taken_over, "no survivor restored a partition with applied rows after the kill"
 
     status = status_of(statuses(target), batch.path)
-    assert status["closed_at"] > killed_at * 1000, (
+    assert status["closed_at"] > stopping_at * 1000 > killed_at * 1000, (
         f"batch closed at {status['closed_at']}, before the victim was killed at "
-        f"{killed_at * 1000:.0f}: the kill was not in the middle of the batch")
+        f"{killed_at * 1000:.0f} or the other worker stopped at {stopping_at * 1000:.0f}: "
+        "the kill and the stop were not in the middle of the batch")
     verify(target, [batch])
     lags = group_lags(target)
     assert all(lag == 0 for lag in lags.values()), (
