@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -33,10 +34,12 @@ from tests.ports import accepts, free_port
 
 VERSION = "3.3.3"
 START_TIMEOUT_S = 20.0
+# Its streams live in LevelDB on disk (`path`), not in the node heap: a whole suite's
+# streams outgrew the heap of an in-memory kinesalite, which then died mid-session.
 SERVE = """
 const port = parseInt(process.argv[1], 10);
 require('kinesalite')({createStreamMs: 0, deleteStreamMs: 0, updateStreamMs: 0,
-                       shardLimit: 1000}).listen(port, '127.0.0.1', () => {
+                       shardLimit: 100000, path: process.argv[2]}).listen(port, '127.0.0.1', () => {
   process.stdout.write('listening\\n');
 });
 """
@@ -53,26 +56,52 @@ def kinesalite() -> Iterator[tuple[str, int]]:
     modules = install()
     port = free_port()
     node = shutil.which("node") or "node"
-    proc = subprocess.Popen([node, "-e", SERVE, str(port)],
+    work = Path(tempfile.mkdtemp(prefix="kinesalite-"))
+    # Its stderr to a file (a pipe nobody reads would fill up and block it), closed below.
+    log = open(work / "kinesalite.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([node, "--max-old-space-size=4096", "-e", SERVE, str(port),
+                             str(work / "db")],
                             env={**os.environ, "NODE_PATH": str(modules)},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=log)
+    _RUNNING[port] = (proc, work / "kinesalite.log")
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while not accepts(port):
             if proc.poll() is not None:
-                raise RuntimeError("kinesalite exited: "
-                                   + (proc.stderr.read().decode() if proc.stderr else ""))
+                raise RuntimeError(f"kinesalite exited: {_tail(work / 'kinesalite.log')}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"kinesalite did not listen within {START_TIMEOUT_S}s")
             time.sleep(0.02)
         yield f"http://127.0.0.1:{port}", proc.pid
     finally:
+        _RUNNING.pop(port, None)
         proc.terminate()
         try:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        log.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# port -> (process, its log): a test finds out at once, and why, when the server died.
+_RUNNING: dict[int, tuple[subprocess.Popen[bytes], Path]] = {}
+
+
+def _tail(path: Path, limit: int = 2000) -> str:
+    try:
+        return path.read_text(errors="replace")[-limit:] or "(nothing on stderr)"
+    except OSError:
+        return "(no log)"
+
+
+def check_alive(endpoint: str) -> None:
+    """Raises naming the exit status and the last of its stderr if kinesalite died."""
+    running = _RUNNING.get(int(endpoint.rsplit(":", 1)[1]))
+    if running is not None and running[0].poll() is not None:
+        raise RuntimeError(f"kinesalite at {endpoint} died (exit {running[0].returncode}): "
+                           f"{_tail(running[1])}")
 
 
 @pytest.fixture(scope="session")
@@ -89,6 +118,7 @@ def kinesis_env_for(kinesis: str, dynamodb: str) -> dict[str, str]:
 @pytest.fixture
 def kinesis_env(kinesis_endpoint: str, moto_endpoint: str,
                 monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    check_alive(kinesis_endpoint)
     env = kinesis_env_for(kinesis_endpoint, moto_endpoint)
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     for key, value in env.items():
