@@ -23,42 +23,28 @@ class ObjectStore(Protocol):
     may also have `delete(key)` (S3 has: snapshot pruning uses it where present; the local
     store keeps every snapshot, as before)."""
 
-    def _temp_copy(self, path: Path, data: bytes) -> str:
-        """`data` in a temp file beside `path` (so a rename or link stays on one
-        filesystem), synced when the store syncs; returns its name."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                if self.fsync:
-                    os.fsync(f.fileno())  # the name must not outlive the data on power loss
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return tmp
-
     def put(self, key: str, data: bytes) -> None:
-        path = self._path(key)
-        tmp = self._temp_copy(path, data)
-        try:
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Store atomically: readers see the old object or the new one, never a part."""
+        ...
+
+    def get(self, key: str) -> bytes:
+        """The object's bytes; KeyError if there is none."""
+        ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def list(self, prefix: str) -> list[str]:
+        """Sorted keys starting with prefix (a string prefix, as S3 lists)."""
+        ...
+
+    def url(self, key: str) -> str:
+        """Address for messages and manifests (file:///... locally, s3://... on S3)."""
+        ...
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
-        path = self._path(key)
-        tmp = self._temp_copy(path, data)
-        try:
-            try:
-                os.link(tmp, path)  # a hard link fails if the name exists: one writer wins
-            except FileExistsError:
-                return False
-            return True
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        """Creates the object unless one exists (atomically: of two writers, one wins);
+        False when it existed."""
+        ...
 
     def replace_if_same(self, key: str, expected: bytes, data: bytes) -> bool:
         """Replaces the object if it still holds `expected` (S3: If-Match on the ETag of
@@ -106,17 +92,26 @@ class LocalObjectStore:
         check_key(key)
         return self.root.joinpath(*key.split("/"))
 
-    def put(self, key: str, data: bytes) -> None:
-        path = self._path(key)
+    def _temp_copy(self, path: Path, data: bytes) -> str:
+        """`data` in a temp file beside `path` (so a rename or link stays on one
+        filesystem), synced when the store syncs; returns its name."""
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Temp file in the same directory so os.replace is a rename on one filesystem.
         fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 if self.fsync:
-                    os.fsync(f.fileno())  # the rename must not outlive the data on power loss
+                    os.fsync(f.fileno())  # the name must not outlive the data on power loss
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return tmp
+
+    def put(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        tmp = self._temp_copy(path, data)
+        try:
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -124,14 +119,8 @@ class LocalObjectStore:
 
     def put_if_absent(self, key: str, data: bytes) -> bool:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX, dir=path.parent)
+        tmp = self._temp_copy(path, data)
         try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                if self.fsync:
-                    os.fsync(f.fileno())
             try:
                 os.link(tmp, path)  # a hard link fails if the name exists: one writer wins
             except FileExistsError:
