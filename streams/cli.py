@@ -557,7 +557,8 @@ def _pos(position: int | None) -> str:
 @click.option("--from", "start", default="earliest",
               help="earliest, position:N, batch:ID (its first record on each partition), "
                    "or time:WHEN (ISO 8601 such as 2026-12-01T10:00:00Z, or epoch ms: each "
-                   "partition from its first record appended then or later).")
+                   "partition from its first record appended then or later), or on "
+                   "Kinesis sequence:SEQ (from that record on).")
 @click.option("-q", "--quiet", is_flag=True)
 @click.pass_context
 def replay(ctx: click.Context, start: str, quiet: bool) -> None:

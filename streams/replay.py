@@ -41,20 +41,32 @@ class ReplayPlan:
     description: str
 
 
-FROM_FORMS = "earliest, position:N, batch:ID or time:WHEN (ISO 8601, or epoch ms)"
+FROM_FORMS = ("earliest, position:N, batch:ID, time:WHEN (ISO 8601, or epoch ms) or, on "
+              "Kinesis, sequence:SEQ")
 
 
 def plan(log: Log, topic: str, start: str) -> ReplayPlan:
     """`earliest`, `position:N` (every partition, from its first message at or after N),
-    `batch:ID` (every partition, from the first message of that batch), or `time:WHEN`
-    (every partition, from its first message appended at or after WHEN: the log's own
-    timestamps, Kinesis's arrival times, Kafka's record times)."""
+    `batch:ID` (every partition, from the first message of that batch), `time:WHEN` (every
+    partition, from its first message appended at or after WHEN: the log's own timestamps,
+    Kinesis's arrival times through AT_TIMESTAMP, Kafka's record times), or on Kinesis
+    `sequence:SEQ` (from the record with that sequence number: seek.py there)."""
     kind, _, arg = start.partition(":")
-    if kind not in ("earliest", "position", "batch", "time") or (kind == "batch" and not arg):
+    if kind not in ("earliest", "position", "batch", "time", "sequence") or (
+            kind in ("batch", "sequence") and not arg):
         raise ValueError(f"--from {start!r}: expected {FROM_FORMS}")
+    if kind == "sequence":
+        by_sequence = getattr(log, "starts_at_sequence", None)
+        if by_sequence is None:
+            raise ValueError(f"--from {start}: sequence numbers are Kinesis's; on this "
+                             "backend use position:N")
+        return ReplayPlan(by_sequence(topic, arg), start)
+    if kind == "time":
+        since_ms = _time_ms(arg)
+        return ReplayPlan({p: log.first_since(topic, p, since_ms)
+                           for p in log.partitions(topic)}, start)
     if kind == "position":
         _int(arg)
-    since_ms = _time_ms(arg) if kind == "time" else 0
     starts: dict[int, int | None] = {}
     for p in log.partitions(topic):
         first = None
@@ -63,8 +75,6 @@ def plan(log: Log, topic: str, start: str) -> ReplayPlan:
                 first = msg.position
             elif kind == "position":
                 first = msg.position if msg.position >= _int(arg) else None
-            elif kind == "time":
-                first = msg.position if msg.timestamp_ms >= since_ms else None
             else:
                 first = msg.position if decode(msg.value)[1].get("batch_id") == arg else None
             if first is not None:

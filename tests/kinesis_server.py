@@ -1,7 +1,7 @@
 """A real Kinesis for tests: kinesalite (npm `kinesalite@3.3.3`) on a free loopback port.
 
 The fixture installs kinesalite into a cache directory the first time (`npm install
---prefix`, a few seconds) and starts it from a few lines of node bound to 127.0.0.1 (its
+--prefix`, a few seconds) and starts it from `kinesalite_serve.js`, bound to 127.0.0.1 (its
 CLI binds 0.0.0.0). Streams are created, resharded and deleted at once (createStreamMs=0).
 
 Fixtures:
@@ -35,25 +35,9 @@ from tests.ports import accepts, free_port
 VERSION = "3.3.3"
 START_TIMEOUT_S = 20.0
 # Its streams live in LevelDB on disk (`path`), not in the node heap: a whole suite's
-# streams outgrew the heap of an in-memory kinesalite, which then died mid-session.
-# kinesalite rethrows a request's 'error' (index.js: `req.on('error', function(err) { throw
-# err })`), so a client killed mid-request (the crash tests SIGKILL workers mid-PutRecords)
-# took the whole server down; Kinesis shrugs such a request off, and so does this one.
-SERVE = """
-const port = parseInt(process.argv[1], 10);
-process.on('uncaughtException', (err) => {
-  if (err && (err.code === 'ECONNRESET' || err.message === 'aborted')) {
-    process.stderr.write('client aborted a request: ' + err.message + '\\n');
-    return;
-  }
-  process.stderr.write((err && err.stack || String(err)) + '\\n');
-  process.exit(1);
-});
-require('kinesalite')({createStreamMs: 0, deleteStreamMs: 0, updateStreamMs: 0,
-                       shardLimit: 100000, path: process.argv[2]}).listen(port, '127.0.0.1', () => {
-  process.stdout.write('listening\\n');
-});
-"""
+# streams outgrew the heap of an in-memory kinesalite, which then died mid-session. The
+# script also puts right two of kinesalite's departures from Kinesis (see its header).
+SERVE = Path(__file__).with_name("kinesalite_serve.js")
 
 
 def install() -> Path:
@@ -70,7 +54,7 @@ def kinesalite() -> Iterator[tuple[str, int]]:
     work = Path(tempfile.mkdtemp(prefix="kinesalite-"))
     # Its stderr to a file (a pipe nobody reads would fill up and block it), closed below.
     log = open(work / "kinesalite.log", "wb")  # noqa: SIM115
-    proc = subprocess.Popen([node, "--max-old-space-size=4096", "-e", SERVE, str(port),
+    proc = subprocess.Popen([node, "--max-old-space-size=4096", str(SERVE), str(port),
                              str(work / "db")],
                             env={**os.environ, "NODE_PATH": str(modules)},
                             stdout=subprocess.DEVNULL, stderr=log)

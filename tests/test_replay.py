@@ -24,12 +24,13 @@ from streams.api import Input, Output, Table
 from streams.pipeline import ROLES, Pipeline
 from streams.settings import Settings
 from streams.state.changelog import FENCE
-from tests.aws_server import aws_env, make_bucket, moto_endpoint
+from tests.aws_server import aws_env, make_bucket, moto_endpoint, unique_name
+from tests.kinesis_server import kinesis_endpoint, kinesis_env
 from tests.support import expected_members, run_cli, write_csv
 from topics.codec import schema_name
 from topics.spec import CHANGES, SEGMENTS_CHANGELOG
 
-__all__ = ["aws_env", "moto_endpoint"]  # fixtures, used by name
+__all__ = ["aws_env", "kinesis_endpoint", "kinesis_env", "moto_endpoint"]  # fixtures
 
 ROWS = [(f"u{i}", "s", "add") for i in range(40)] + [("u3", "s", "remove")]
 
@@ -187,25 +188,45 @@ def _wait_line(proc: subprocess.Popen[bytes], text: bytes, timeout_s: float = 60
             seen += chunk
 
 
+@pytest.fixture(params=["embedded", "kinesis"])
+def log_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    """A pipeline's settings on the embedded log, or on Kinesis (kinesalite, 2 shards and 4
+    virtual partitions, leases on the moto server), with streams of the test's own."""
+    if request.param == "embedded":
+        return Settings(data_dir=tmp_path / "data")
+    request.getfixturevalue("kinesis_env")
+    return Settings(data_dir=tmp_path / "data", backend="kinesis",
+                    kinesis_prefix=unique_name("replay") + ".",
+                    kinesis_lease_table=unique_name("leases"), kinesis_failover_ms=3000,
+                    kinesis_shards=2)
+
+
+def _two_batches_apart(pipe: Pipeline, tmp_path: Path) -> tuple[int, ImportResult]:
+    """Two batches, the second one appended after WHEN and the first one before: WHEN."""
+    import time
+
+    first = _run(pipe, write_csv(tmp_path / "a.csv", [(f"a{i}", "s1", "add") for i in range(300)]))
+    between = time.time_ns() // 1_000_000 + 1
+    while time.time_ns() // 1_000_000 <= between:  # the clock past WHEN, then batch 2
+        time.sleep(0.001)
+    second = _run(pipe, write_csv(tmp_path / "b.csv", [(f"b{i}", "s2", "add") for i in range(300)]))
+    assert first.batch_id != second.batch_id
+    return between, second
+
+
 def test_replay_from_a_time_starts_each_partition_at_its_first_later_message(
-        tmp_path: Path) -> None:
+        tmp_path: Path, log_settings: Settings) -> None:
     """`--from time:WHEN`: every partition from its first message appended at or after
-    WHEN, which here is where the second batch begins (the first one is all before it)."""
+    WHEN, which here is where the second batch begins (the first one is all before it). On
+    Kinesis the lookup starts from AT_TIMESTAMP iterators."""
     import time
 
     from streams.replay import plan
     from topics.spec import ROWS
 
-    pipe = Pipeline(Settings(data_dir=tmp_path / "data"))
+    pipe = Pipeline(log_settings)
     try:
-        rows_a = [(f"a{i}", "s1", "add") for i in range(300)]
-        first = _run(pipe, write_csv(tmp_path / "a.csv", rows_a))
-        between = time.time_ns() // 1_000_000 + 1
-        while time.time_ns() // 1_000_000 <= between:  # the clock past WHEN, then batch 2
-            time.sleep(0.001)
-        rows_b = [(f"b{i}", "s2", "add") for i in range(300)]
-        second = _run(pipe, write_csv(tmp_path / "b.csv", rows_b))
-        assert first.batch_id != second.batch_id
+        between, second = _two_batches_apart(pipe, tmp_path)
         by_time = plan(pipe.log, ROWS, f"time:{between}")
         assert by_time.starts == plan(pipe.log, ROWS, f"batch:{second.batch_id}").starts
         assert all(start is not None for start in by_time.starts.values())
@@ -216,5 +237,49 @@ def test_replay_from_a_time_starts_each_partition_at_its_first_later_message(
         assert set(later.starts.values()) == {None}  # nothing to reprocess
         with pytest.raises(ValueError, match=r"time:yesterday: expected an ISO 8601 time"):
             plan(pipe.log, ROWS, "time:yesterday")
+        if log_settings.backend == "embedded":
+            with pytest.raises(ValueError, match=r"sequence numbers are Kinesis's"):
+                plan(pipe.log, ROWS, "sequence:123")
     finally:
         pipe.close()
+
+
+def test_replay_from_a_kinesis_sequence_number_starts_at_that_record(
+        tmp_path: Path, kinesis_env: dict[str, str]) -> None:
+    """`--from sequence:SEQ` with SEQ the first record of the second batch to arrive: the
+    partitions of its shard start at it, the others at their first record that arrived
+    then or later; together, where the second batch begins. Then the replay itself, by the
+    command, delivers the same outputs and `streams verify` agrees."""
+    from streams.replay import plan
+    from topics.backends.kinesis.positions import unpack
+    from topics.spec import ROWS
+
+    settings = Settings(data_dir=tmp_path / "data", backend="kinesis",
+                        kinesis_prefix=unique_name("replay") + ".",
+                        kinesis_lease_table=unique_name("leases"), kinesis_failover_ms=3000,
+                        kinesis_shards=2)
+    pipe = Pipeline(settings)
+    try:
+        _between, second = _two_batches_apart(pipe, tmp_path)
+        by_batch = plan(pipe.log, ROWS, f"batch:{second.batch_id}").starts
+        firsts = [pipe.log.read_at(ROWS, p, start) for p, start in by_batch.items()
+                  if start is not None]
+        assert len(firsts) == len(by_batch)
+        earliest = min(firsts, key=lambda m: m.timestamp_ms)
+        sequence = unpack(earliest.position).sequence
+        assert plan(pipe.log, ROWS, f"sequence:{sequence}").starts == by_batch
+        with pytest.raises(ValueError, match=r"no record of stream .* has that sequence"):
+            plan(pipe.log, ROWS, f"sequence:{sequence + 10**30}")
+        with pytest.raises(ValueError, match=r"expected the decimal sequence number"):
+            plan(pipe.log, ROWS, "sequence:49x")
+        expected = expected_members([("add", [(f"a{i}", "s1", "add") for i in range(300)]),
+                                     ("add", [(f"b{i}", "s2", "add") for i in range(300)])])
+    finally:
+        pipe.close()
+    env = {"STREAMS_BACKEND": "kinesis", "STREAMS_KINESIS_PREFIX": settings.kinesis_prefix,
+           "STREAMS_KINESIS_LEASE_TABLE": settings.kinesis_lease_table,
+           "STREAMS_KINESIS_FAILOVER_MS": "3000", "STREAMS_KINESIS_SHARDS": "2"}
+    replayed = run_cli("replay", "--from", f"sequence:{sequence}", "-q",
+                       data_dir=settings.data_dir, env=env)
+    assert "epoch 1" in replayed.stdout
+    _check_outputs(settings, env, expected)

@@ -134,6 +134,10 @@ class Log(Protocol):
     def read_at(self, topic: str, partition: int, position: int) -> Message:
         """The message at `position` (a sink reads the stamp of its last commit)."""
 
+    def first_since(self, topic: str, partition: int, since_ms: int) -> int | None:
+        """Position of the partition's first message appended at or after `since_ms` (epoch
+        ms by the log's own clock: Kinesis's arrival times), None when there is none."""
+
     def describe(self, topic: str) -> list[PartitionInfo]: ...
 
     def groups(self) -> list[str]: ...
@@ -147,3 +151,11 @@ class Log(Protocol):
         metadata. Raises GroupBusyError while members of the group are running."""
 
     def close(self) -> None: ...
+
+
+def scan_first_since(log: Log, topic: str, partition: int, since_ms: int) -> int | None:
+    """`first_since` by reading the partition from its start (a log with no time index)."""
+    for msg in log.read(topic, partition):
+        if msg.timestamp_ms >= since_ms:
+            return msg.position
+    return None

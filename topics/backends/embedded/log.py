@@ -37,6 +37,7 @@ from topics.log import (
     RebalanceListener,
     TopicError,
     TopicPartition,
+    scan_first_since,
 )
 from topics.spec import CONFIG_KEYS, DEFAULT_SEGMENT_BYTES, TopicSpec, check_config
 
@@ -223,6 +224,9 @@ class EmbeddedLog:
             raise TopicError(f"{topic}[{partition}]: no message at position {position}")
         _pos, ts, key, value, _next = frames[0]
         return Message(topic, partition, position, value, key, ts)
+
+    def first_since(self, topic: str, partition: int, since_ms: int) -> int | None:
+        return scan_first_since(self, topic, partition, since_ms)
 
     # -- inspection and admin -------------------------------------------------------------
     def _count(self, tp: TopicPartition, after: int | None) -> tuple[int, int | None, int | None]:

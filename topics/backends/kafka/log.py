@@ -32,6 +32,7 @@ from topics.log import (
     PartitionInfo,
     RebalanceListener,
     TopicPartition,
+    scan_first_since,
 )
 from topics.spec import TopicSpec
 
@@ -102,6 +103,9 @@ class KafkaLog:
     def read_at(self, topic: str, partition: int, position: int) -> Message:
         with self._readers.take() as reader:
             return reader.read_at(topic, partition, position)
+
+    def first_since(self, topic: str, partition: int, since_ms: int) -> int | None:
+        return scan_first_since(self, topic, partition, since_ms)
 
     # -- inspection and admin -------------------------------------------------------------
     def _ends(self, tps: list[KafkaTP]) -> tuple[dict[KafkaTP, int], dict[KafkaTP, int]]:

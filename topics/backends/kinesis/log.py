@@ -23,6 +23,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from topics.backends.kinesis import seek
 from topics.backends.kinesis.consumer import KinesisConsumer
 from topics.backends.kinesis.envelope import hash_key_of
 from topics.backends.kinesis.lag import millis_behind
@@ -145,6 +146,13 @@ class KinesisLog:
                     if msg.position > position:
                         break
         raise TopicError(f"{topic}[{partition}]: no message at position {position}")
+
+    def first_since(self, topic: str, partition: int, since_ms: int) -> int | None:
+        return seek.first_since(self.kinesis, self.streams, topic, partition, since_ms)
+
+    def starts_at_sequence(self, topic: str, sequence: str) -> dict[int, int | None]:
+        """Where `--from sequence:SEQ` starts each virtual partition (seek.py)."""
+        return seek.starts_at_sequence(self.kinesis, self.streams, topic, sequence)
 
     def truncated(self, topic: str, partition: int) -> bool:
         lineage, _ = self._lineage(topic, partition)

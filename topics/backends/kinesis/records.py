@@ -86,6 +86,13 @@ class ShardCursor:
             StreamName=self.stream, ShardId=self.shard.id, ShardIteratorType="AT_SEQUENCE_NUMBER",
             StartingSequenceNumber=str(unpack(position).sequence))["ShardIterator"])
 
+    def start_at_time(self, since_ms: int) -> None:
+        """Reads from the first record that arrived at or after `since_ms` (AT_TIMESTAMP)."""
+        self.after = None
+        self._iterator = str(self.client.get_shard_iterator(
+            StreamName=self.stream, ShardId=self.shard.id, ShardIteratorType="AT_TIMESTAMP",
+            Timestamp=since_ms / 1000)["ShardIterator"])
+
     def fetch(self) -> Batch:
         """One GetRecords call (none once the shard has ended)."""
         if self.ended:
