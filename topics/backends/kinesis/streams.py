@@ -87,9 +87,7 @@ class Streams:
             with contextlib.suppress(self.client.exceptions.ResourceInUseException):
                 self.client.create_stream(**args)  # (raced by another process: fine)
         self._wait_active(name)
-        tags = {t["Key"]: t["Value"] for t in
-                self.client.list_tags_for_stream(StreamName=name).get("Tags", [])}
-        have = tags.get(PARTITIONS_TAG)
+        have = self._tags(name).get(PARTITIONS_TAG)
         if have is None:
             # A stream made here a moment ago (or by hand): record the spec's count.
             self.client.add_tags_to_stream(StreamName=name,
@@ -100,6 +98,18 @@ class Streams:
                 f"topic {spec.name}'s spec says {spec.partitions}; co-partitioned topics "
                 "must match")
         self._counts[spec.name] = spec.partitions
+
+    def _tags(self, name: str) -> dict[str, str]:
+        """Every tag of the stream: ListTagsForStream answers a page of them at a time
+        (HasMoreTags), and a team's own tags may come before ours."""
+        tags: dict[str, str] = {}
+        args: dict[str, Any] = {"StreamName": name}
+        while True:
+            page = self.client.list_tags_for_stream(**args)
+            tags.update((t["Key"], t["Value"]) for t in page.get("Tags", []))
+            if not page.get("HasMoreTags") or not page.get("Tags"):
+                return tags
+            args["ExclusiveStartTagKey"] = page["Tags"][-1]["Key"]
 
     def _summary(self, name: str) -> dict[str, Any] | None:
         try:
@@ -127,10 +137,9 @@ class Streams:
         if count is None:
             name = self.name(topic)
             try:
-                tags = self.client.list_tags_for_stream(StreamName=name).get("Tags", [])
+                found = self._tags(name).get(PARTITIONS_TAG)
             except self.client.exceptions.ResourceNotFoundException:
                 raise TopicError(f"no topic {topic}: no Kinesis stream {name}") from None
-            found = {t["Key"]: t["Value"] for t in tags}.get(PARTITIONS_TAG)
             if found is None:
                 raise TopicError(f"stream {name} has no {PARTITIONS_TAG} tag: not created "
                                  "by this project (ensure_topics)")
