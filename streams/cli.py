@@ -44,7 +44,9 @@ from streams.pipeline import (
 from streams.progress import Progress, bytes_read
 from streams.settings import Settings, load_config_file, unknown_keys
 from streams.warehouse_wait import WarehouseBusy
-from topics.log import GroupBusyError, TopicError
+from topics.log import GroupBusyError, TopicError, TopicPartition
+from topics.partitioner import partition_for
+from topics.spec import EVENTS
 
 _FORMATS = ["csv", "tsv", "jsonl", "parquet"]
 _MODE_WORDS = {"add": "add: the listed users join their segments",
@@ -381,12 +383,29 @@ def _operations(ctx: click.Context, worker: Any, member: str) -> Operations:
 
 def _batch_finished(pipe: Pipeline, worker: Any, batch_id: str) -> Callable[[], bool]:
     pipeline_task = next(t for t in worker.tasks if t.name == "pipeline")
+    # The partition of the events topic that holds the batch's events (keyed by batch id).
+    events = TopicPartition(EVENTS, partition_for(batch_id, len(pipe.log.partitions(EVENTS))))
+    asked = [0.0]
 
     def done() -> bool:
         status = pipeline_task.tables("batches").get(batch_id)
-        if status is None and not pipeline_task.stores:
-            status = pipe.batches().get(batch_id)  # another worker owns that partition
-        return status is not None and status.finished
+        if status is not None:  # this worker folds the batch's partition: its own table
+            return status.finished
+        # Another member holds the batch's partition, or nobody does yet (a killed run's
+        # leases wait out their failover time). The status view may already say finished
+        # from events no processor has taken in: then the closing snapshot is not out
+        # yet, and the warehouse's status table would stay behind. So also wait until the
+        # pipeline processor's group has consumed that partition (asked at most twice a
+        # second: on Kafka and Kinesis each ask reads the log).
+        if time.monotonic() - asked[0] < 0.5:
+            return False
+        asked[0] = time.monotonic()
+        view = pipe.batches().get(batch_id)
+        if view is None or not view.finished:
+            return False
+        taken_in = [gp.lag == 0 for gp in pipe.log.group_positions(group_of("pipeline"))
+                    if gp.tp == events]
+        return bool(taken_in) and all(taken_in)
 
     return done
 

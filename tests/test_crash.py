@@ -1,5 +1,5 @@
 """Crash tests: real `streams` processes SIGKILLed at named crash points and at random
-times during a 200k-row batch, then restarted. After the restart the batch must be closed
+times during a 50k-row batch, then restarted. After the restart the batch must be closed
 once, and every output (warehouse, S3 objects and manifests, load ledger, status table and
 status topic) must hold each change exactly once: nothing lost, nothing doubled.
 
@@ -67,17 +67,17 @@ from topics.spec import BATCH_STATUS, CHANGES, EVENTS, ROWS, SPECS
 # fixtures, requested by name for Kafka and for S3 + PostgreSQL tests
 __all__ = ["aws_env", "fresh_kafka_bootstrap", "moto_endpoint"]
 
-N_ROWS = 200_000
+N_ROWS = 50_000
 PARTITIONS = 4
 S3_PREFIX = ("audience", "segment-changes")
 KILLED = -signal.SIGKILL
 
 # Small chunks and messages so that crash points fall in the middle of a partition's work:
-# ~29k changes per partition -> 3 chunks each (12 `after_chunk` passes per sink), 200 row
+# ~8k changes per partition -> 4 chunks each (16 `after_chunk` passes per sink), 200 row
 # messages (13 `import.publishing` passes), several processor checkpoints.
 TUNING = {
-    "STREAMS_CHUNK_ROWS": "10000",
-    "STREAMS_MESSAGE_ROWS": "1000",
+    "STREAMS_CHUNK_ROWS": "2500",
+    "STREAMS_MESSAGE_ROWS": "250",
     "STREAMS_CHECKPOINT_INTERVAL_S": "0.05",
 }
 
@@ -208,8 +208,11 @@ class Batch:
 def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Batch]:
     folder = tmp_path_factory.mktemp("crash-inputs")
     out = {}
-    for name, seed, mode in (("first", 101, "add"), ("second", 202, "replace")):
-        rows = random_rows(N_ROWS, users=50_000, segments=3, seed=seed)
+    # The replace lists a fifth as many rows: ~6k removals a partition, so they go out in
+    # two parts (REMOVALS_PER_MESSAGE), and the `between_removal_parts` points fall between.
+    for name, seed, mode, n in (("first", 101, "add", N_ROWS),
+                                ("second", 202, "replace", N_ROWS // 5)):
+        rows = random_rows(n, users=20_000, segments=3, seed=seed)
         out[name] = Batch(write_csv(folder / f"{name}.csv", rows), mode, rows)
     return out
 
