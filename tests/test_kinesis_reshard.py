@@ -36,6 +36,7 @@ N_ROWS = 60_000
 # 1000 rows a message, 15 messages a partition -> 60 row messages, a pause point every 16:
 # the pause lands after 32 of them, half the batch.
 PAUSE_AT = "import.publishing:2"
+MESSAGE_ROWS = 1000  # this test's own (the crash tests' TUNING has smaller messages)
 WAIT_S = 180.0
 
 
@@ -77,7 +78,8 @@ def test_split_and_merge_mid_batch_close_it_once_with_exact_outputs(
     rows = random_rows(N_ROWS, users=20_000, segments=3, seed=303)
     batch = Batch(write_csv(tmp_path / "batch.csv", rows), "add", rows)
     # a failover time far above the pause: the leases stay ours while the test reshards
-    env = {**target.env(), "STREAMS_PAUSE_AT": PAUSE_AT, "STREAMS_KINESIS_FAILOVER_MS": "30000"}
+    env = {**target.env(), "STREAMS_PAUSE_AT": PAUSE_AT, "STREAMS_KINESIS_FAILOVER_MS": "30000",
+           "STREAMS_MESSAGE_ROWS": str(MESSAGE_ROWS)}
     proc = spawn("run", "-q", str(batch.path), data_dir=target.data_dir, env=env, name="run")
     wait_for(lambda: proc.poll() is not None or stopped(proc), WAIT_S, "the pause point")
     assert proc.poll() is None, output_of(tmp_path, "run")
