@@ -195,6 +195,10 @@ def log_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
     if request.param == "embedded":
         return Settings(data_dir=tmp_path / "data")
     request.getfixturevalue("kinesis_env")
+    return _kinesis_settings(tmp_path)
+
+
+def _kinesis_settings(tmp_path: Path) -> Settings:
     return Settings(data_dir=tmp_path / "data", backend="kinesis",
                     kinesis_prefix=unique_name("replay") + ".",
                     kinesis_lease_table=unique_name("leases"), kinesis_failover_ms=3000,
@@ -254,10 +258,7 @@ def test_replay_from_a_kinesis_sequence_number_starts_at_that_record(
     from topics.backends.kinesis.positions import unpack
     from topics.spec import ROWS
 
-    settings = Settings(data_dir=tmp_path / "data", backend="kinesis",
-                        kinesis_prefix=unique_name("replay") + ".",
-                        kinesis_lease_table=unique_name("leases"), kinesis_failover_ms=3000,
-                        kinesis_shards=2)
+    settings = _kinesis_settings(tmp_path)
     pipe = Pipeline(settings)
     try:
         _between, second = _two_batches_apart(pipe, tmp_path)
